@@ -1,0 +1,52 @@
+# Every target installs what it needs into .venv first (idempotent; quick when nothing changed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+THREADS ?= 8
+PROCESSES ?= 1
+
+.PHONY: install run demo test lint unit integration worker scheduler bench migrate clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/python -m stack run
+
+demo: install
+	$(BIN)/python -m stack demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+test: install lint
+	$(BIN)/python -m pytest
+
+unit: install
+	$(BIN)/python -m pytest tests/unit
+
+integration: install
+	$(BIN)/python -m pytest tests/integration
+
+worker: install
+	$(BIN)/dramatiq actors --processes $(PROCESSES) --threads $(THREADS)
+
+scheduler: install
+	$(BIN)/python scheduler.py
+
+bench: install
+	$(BIN)/python -m bench
+
+migrate: install
+	$(BIN)/python -m repositories.migrations
+
+clean:
+	rm -rf $(VENV) *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,83 @@
+"""The web-facing API: enqueue, cancel and read jobs. Validation happens before anything is written."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from actors import cancellation, runtime
+from actors.payloads import GenerateMessage, GenerationParams, JobRef, PreviewMessage, new_job_id
+from actors.tasks import generate_llm_response, generate_preview
+from repositories.store import Job, JobKind, JobStatus
+
+logger = logging.getLogger(__name__)
+
+
+def enqueue_generation(user_id: str, params: GenerationParams | dict[str, Any], *, job_id: str | None = None) -> str:
+    """Queue a generation for ``user_id`` and return its job id; the same ``job_id`` twice is one job.
+
+    Raises ``ValueError`` (a pydantic ``ValidationError``) naming the bad field; nothing is then written.
+    """
+    message = GenerateMessage(job_id=job_id or new_job_id(), user_id=user_id, params=params)
+    payload = message.model_dump(mode="json", exclude_none=True)
+    _submit(
+        message.job_id,
+        message.user_id,
+        JobKind.GENERATE,
+        payload["params"],
+        lambda: generate_llm_response.send(**payload),
+    )
+    return message.job_id
+
+
+def enqueue_preview(user_id: str, title: str, content: str, *, job_id: str | None = None) -> str:
+    """Queue a tile preview for ``user_id`` and return its job id; the same ``job_id`` twice is one job."""
+    message = PreviewMessage(job_id=job_id or new_job_id(), user_id=user_id, title=title, content=content)
+    payload = message.model_dump(mode="json")
+    _submit(
+        message.job_id,
+        message.user_id,
+        JobKind.PREVIEW,
+        {"title": title, "content": content},
+        lambda: generate_preview.send(**payload),
+    )
+    return message.job_id
+
+
+def _submit(job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], send: Callable[[], object]) -> None:
+    """Write the pending row, then send the message; a row whose message never left is sent again."""
+    store = runtime.current().store
+    if not store.create(job_id=job_id, user_id=user_id, kind=kind, request=request):
+        existing = store.get(job_id)
+        if existing is not None and (existing.user_id != user_id or existing.kind is not kind):
+            raise ValueError(f"job_id: {job_id!r} is already used by another job")
+        if existing is None or existing.status is not JobStatus.PENDING or existing.enqueued_at is not None:
+            logger.info("duplicate enqueue ignored", extra={"job_id": job_id, "user_id": user_id})
+            return
+        logger.info("re-sending a job whose message was never confirmed", extra={"job_id": job_id})
+    try:
+        send()
+    except Exception:
+        store.delete_unsent(job_id)
+        raise
+    store.mark_enqueued(job_id)
+    logger.info("job enqueued", extra={"job_id": job_id, "user_id": user_id, "kind": str(kind)})
+
+
+def cancel_job(job_id: str, user_id: str) -> bool:
+    """Cancel a pending or processing job of ``user_id``; False if unknown, another user's or finished."""
+    if not isinstance(job_id, str) or not isinstance(user_id, str):
+        return False
+    JobRef.model_validate({"job_id": job_id, "user_id": user_id})
+    return cancellation.cancel(runtime.current().store, job_id, user_id)
+
+
+def get_job(job_id: str, user_id: str | None = None) -> Job | None:
+    """The job, or None when unknown or (with ``user_id``) another user's."""
+    if not isinstance(job_id, str) or not job_id:
+        return None
+    job = runtime.current().store.get(job_id)
+    if job is None or (user_id is not None and job.user_id != user_id):
+        return None
+    return job

@@ -1,0 +1,348 @@
+"""What a worker does with one job message: claim it, stream from the provider, store the outcome.
+
+The actors in ``actors.tasks`` are thin: they validate the payload and hand it to ``JobRunner``,
+which is built from plain arguments so tests can run it against a stub provider and SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dramatiq.common import compute_backoff
+from dramatiq.errors import Retry
+
+from actors.payloads import GenerateMessage, PreviewMessage
+from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
+from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
+from repositories.store import Job, JobKind, JobStore
+
+logger = logging.getLogger(__name__)
+
+PREVIEW_MAX_CHARS = 250
+PREVIEW_PROMPT = (
+    "Write a one or two sentence preview of the following document for a tile in a list. "
+    "Plain text, no quotes, at most 250 characters."
+)
+#: How much of a long document the preview model is shown, in characters.
+PREVIEW_INPUT_CHARS = 8000
+
+
+class JobFailed(Exception):
+    """The job was marked failed in the store; the message must not be retried."""
+
+
+class InvalidPayload(Exception):
+    """The message payload was invalid; the job (if identifiable) was marked failed; never retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff within bounds, never earlier than a provider's ``Retry-After``."""
+
+    min_backoff_ms: int
+    max_backoff_ms: int
+
+    def delay_ms(self, retries_so_far: int, error: BaseException) -> int:
+        """Milliseconds to wait before the next attempt, after ``retries_so_far`` earlier retries."""
+        _, backoff = compute_backoff(retries_so_far, factor=self.min_backoff_ms, max_backoff=self.max_backoff_ms)
+        backoff = max(self.min_backoff_ms, min(backoff, self.max_backoff_ms))
+        retry_after_s = getattr(error, "retry_after_s", None)
+        if retry_after_s is not None:
+            backoff = max(backoff, int(retry_after_s * 1000) + 1)
+        return backoff
+
+
+def is_retryable(error: BaseException) -> bool:
+    """The contract's classification: provider errors say so themselves; unknown failures are retried."""
+    if isinstance(error, ProviderError):
+        return error.retryable
+    return not isinstance(error, JobFailed | InvalidPayload)
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    """What one attempt produced: the text so far and, when it finished, the provider's final event."""
+
+    text: str
+    finished: Finished | None = None
+    cancelled: bool = False
+
+
+@dataclass
+class _Progress:
+    pieces: list[str] = field(default_factory=list)
+    flushed_chars: int = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a message stands: its id (the job's lease owner) and how often it was retried already."""
+
+    message_id: str
+    retries: int
+    max_retries: int
+
+
+class JobRunner:
+    """Runs generate and preview jobs against one provider and the job store."""
+
+    def __init__(
+        self,
+        *,
+        store: JobStore,
+        provider_factory: Callable[[], ChatProvider],
+        preview_provider_factory: Callable[[], ChatProvider] | None = None,
+        preview_model: str,
+        retry_policy: RetryPolicy,
+        progress_interval_s: float = 0.5,
+        lease_s: float = 30.0,
+        generate_timeout_s: float = 900.0,
+        preview_timeout_s: float = 60.0,
+    ) -> None:
+        self.store = store
+        self._provider_factory = provider_factory
+        self._preview_provider_factory = preview_provider_factory or provider_factory
+        self.preview_model = preview_model
+        self.retry_policy = retry_policy
+        self.progress_interval_s = progress_interval_s
+        self.lease_s = lease_s
+        self.generate_timeout_s = generate_timeout_s
+        self.preview_timeout_s = preview_timeout_s
+
+    # -- entry points used by the actors -------------------------------------------------------
+
+    def run_generation(self, message: GenerateMessage, delivery: Delivery) -> None:
+        """Run one delivery of a generate message to its end, or raise ``Retry``/``JobFailed``."""
+        self.store.create(
+            job_id=message.job_id,
+            user_id=message.user_id,
+            kind=JobKind.GENERATE,
+            request=message.params.model_dump(exclude_none=True),
+        )
+        job = self._claim(message.job_id, message.user_id, JobKind.GENERATE, delivery)
+        if job is None:
+            return
+        self._attempt(job, delivery, message.params, timeout_s=self.generate_timeout_s, on_done=self._generated)
+
+    def run_preview(self, message: PreviewMessage, delivery: Delivery) -> None:
+        """Run one delivery of a preview message: short content is kept as is, long content is summarised."""
+        self.store.create(
+            job_id=message.job_id,
+            user_id=message.user_id,
+            kind=JobKind.PREVIEW,
+            request={"title": message.title, "content": message.content},
+        )
+        needs_model = len(message.content) > PREVIEW_MAX_CHARS
+        job = self._claim(message.job_id, message.user_id, JobKind.PREVIEW, delivery, count_attempt=needs_model)
+        if job is None:
+            return
+        if not needs_model:
+            self.store.complete(
+                job.job_id,
+                owner=delivery.message_id,
+                content=message.content,
+                response={"preview": message.content, "used_ai": False},
+                provider=None,
+                model=None,
+                usage=None,
+            )
+            logger.info("preview kept as is", extra={"job_id": job.job_id, "user_id": job.user_id})
+            return
+        request = ChatRequest(
+            model=self.preview_model,
+            messages=[
+                ChatMessage(role="system", content=PREVIEW_PROMPT),
+                ChatMessage(role="user", content=f"Title: {message.title}\n\n{message.content[:PREVIEW_INPUT_CHARS]}"),
+            ],
+            temperature=0.3,
+            max_tokens=100,
+        )
+        self._attempt(job, delivery, request, timeout_s=self.preview_timeout_s, on_done=self._previewed)
+
+    # -- claiming -------------------------------------------------------------------------------
+
+    def _claim(
+        self, job_id: str, user_id: str, kind: JobKind, delivery: Delivery, *, count_attempt: bool = True
+    ) -> Job | None:
+        existing = self.store.get(job_id)
+        if existing is None:
+            return None
+        if existing.user_id != user_id or existing.kind is not kind:
+            logger.warning(
+                "message ignored: job belongs to another user or kind",
+                extra={"job_id": job_id, "user_id": user_id},
+            )
+            return None
+        job = self.store.claim(job_id, owner=delivery.message_id, lease_s=self.lease_s, count_attempt=count_attempt)
+        if job is None:
+            current = self.store.get(job_id)
+            logger.info(
+                "message skipped: job is %s",
+                current.status if current else "gone",
+                extra={"job_id": job_id, "user_id": user_id},
+            )
+        return job
+
+    # -- one attempt ----------------------------------------------------------------------------
+
+    def _attempt(
+        self,
+        job: Job,
+        delivery: Delivery,
+        request: ChatRequest,
+        *,
+        timeout_s: float,
+        on_done: Callable[[Job, Delivery, AttemptResult, str], None],
+    ) -> None:
+        provider = self._provider_for(job.kind)
+        log_extra = {"job_id": job.job_id, "user_id": job.user_id, "provider": provider.name, "attempt": job.attempts}
+        started = time.monotonic()
+        logger.info("attempt %d started", job.attempts, extra=log_extra)
+        try:
+            result = asyncio.run(self._stream(job, delivery, provider, request, timeout_s))
+        except Exception as error:
+            outcome = self._attempt_failed(job, delivery, error, log_extra)
+            if outcome is None:
+                return
+            raise outcome from error
+        except BaseException as interruption:
+            # Shutdown or the time limit: the row stays processing and a redelivery takes the job over.
+            logger.warning("attempt interrupted by %s", type(interruption).__name__, extra=log_extra)
+            raise
+        elapsed = time.monotonic() - started
+        if result.cancelled:
+            self.store.keep_partial(job.job_id, owner=delivery.message_id, content=result.text)
+            logger.info("attempt stopped: job cancelled after %.2fs", elapsed, extra=log_extra)
+            return
+        on_done(job, delivery, result, provider.name)
+        logger.info("attempt finished in %.2fs", elapsed, extra=log_extra)
+
+    def _provider_for(self, kind: JobKind) -> ChatProvider:
+        return self._preview_provider_factory() if kind is JobKind.PREVIEW else self._provider_factory()
+
+    async def _stream(
+        self, job: Job, delivery: Delivery, provider: ChatProvider, request: ChatRequest, timeout_s: float
+    ) -> AttemptResult:
+        """Read the stream while writing progress and the lease heartbeat every ``progress_interval_s``."""
+        progress = _Progress()
+
+        async def pump() -> Finished:
+            async for event in provider.stream(request):
+                if isinstance(event, TextDelta):
+                    progress.pieces.append(event.text)
+                else:
+                    return event
+            raise StreamBroken("stream ended without a final event", provider=provider.name)
+
+        task = asyncio.create_task(pump())
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AttemptTimedOut(
+                        f"attempt exceeded the {timeout_s:.0f}s wall-clock limit", provider=provider.name
+                    )
+                done, _ = await asyncio.wait({task}, timeout=min(self.progress_interval_s, remaining))
+                if done:
+                    return AttemptResult(text=progress.text, finished=task.result())
+                if not self._flush(job, delivery, progress):
+                    return AttemptResult(text=progress.text, cancelled=True)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ProviderError):
+                    await task
+
+    def _flush(self, job: Job, delivery: Delivery, progress: _Progress) -> bool:
+        """Write new text (if any) and the heartbeat; False once the job is no longer ours to run."""
+        text: str | None = None
+        length = sum(len(piece) for piece in progress.pieces)
+        if length != progress.flushed_chars:
+            text = progress.text
+            progress.flushed_chars = length
+        return self.store.heartbeat(job.job_id, owner=delivery.message_id, content=text)
+
+    # -- outcomes -------------------------------------------------------------------------------
+
+    def _generated(self, job: Job, delivery: Delivery, result: AttemptResult, provider: str) -> None:
+        finished = result.finished
+        assert finished is not None
+        usage = finished.usage.as_dict() if finished.usage else None
+        response: dict[str, Any] = {
+            "content": result.text,
+            "model": finished.model,
+            "provider": provider,
+            "finish_reason": finished.finish_reason,
+            "usage": usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
+        if finished.cost is not None:
+            response["cost"] = finished.cost
+        self._store_completion(job, delivery, result.text, response, provider, finished.model, usage)
+
+    def _previewed(self, job: Job, delivery: Delivery, result: AttemptResult, provider: str) -> None:
+        finished = result.finished
+        assert finished is not None
+        preview = " ".join(result.text.split())[:PREVIEW_MAX_CHARS]
+        usage = finished.usage.as_dict() if finished.usage else None
+        response = {"preview": preview, "used_ai": True, "model": finished.model, "provider": provider}
+        if usage:
+            response["usage"] = usage
+        self._store_completion(job, delivery, preview, response, provider, finished.model, usage)
+
+    def _store_completion(
+        self,
+        job: Job,
+        delivery: Delivery,
+        content: str,
+        response: dict[str, Any],
+        provider: str,
+        model: str,
+        usage: dict[str, Any] | None,
+    ) -> None:
+        if not self.store.complete(
+            job.job_id,
+            owner=delivery.message_id,
+            content=content,
+            response=response,
+            provider=provider,
+            model=model,
+            usage=usage,
+        ):
+            # A cancel won the race at the last moment: it stays cancelled, with the full text kept.
+            self.store.keep_partial(job.job_id, owner=delivery.message_id, content=content)
+            logger.info("completion discarded: job was cancelled", extra={"job_id": job.job_id})
+
+    def _attempt_failed(
+        self, job: Job, delivery: Delivery, error: Exception, log_extra: dict[str, Any]
+    ) -> Exception | None:
+        """Record a failed attempt; return ``Retry`` (with its delay) or ``JobFailed`` for the actor to raise.
+
+        None means the job was cancelled or taken over meanwhile: the message simply ends.
+        """
+        if isinstance(error, ProviderError):
+            description = error.describe()
+        else:
+            description = f"internal error: {type(error).__name__}"
+            logger.exception("attempt crashed", extra=log_extra)
+        if is_retryable(error) and delivery.retries < delivery.max_retries:
+            delay_ms = self.retry_policy.delay_ms(delivery.retries, error)
+            note = f"attempt {job.attempts} failed: {description}; retrying in {delay_ms / 1000:.1f}s"
+            if self.store.release_for_retry(job.job_id, owner=delivery.message_id, error=note):
+                logger.warning("%s", note, extra=log_extra)
+                return Retry(delay=delay_ms)
+        elif self.store.fail(job.job_id, error=description, owner=delivery.message_id):
+            logger.warning("job failed: %s", description, extra=log_extra)
+            return JobFailed(description)
+        logger.info("failed attempt dropped: the job was cancelled or taken over", extra=log_extra)
+        return None

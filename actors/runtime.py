@@ -1,0 +1,60 @@
+"""The process-wide objects the actors and the web API use, built once on first use."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from actors.jobs import JobRunner
+from repositories.store import JobStore
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The job store and the job runner of this process."""
+
+    store: JobStore
+    runner: JobRunner
+
+
+@dataclass(frozen=True, slots=True)
+class ActorOptions:
+    """Per-actor options fixed when the actors are declared."""
+
+    generate_time_limit_ms: int = 960_000
+    preview_time_limit_ms: int = 120_000
+    retention_days: int = 7
+
+
+_lock = threading.Lock()
+_factory: Callable[[], Runtime] | None = None
+_runtime: Runtime | None = None
+_options = ActorOptions()
+
+
+def configure(factory: Callable[[], Runtime], options: ActorOptions) -> None:
+    """Set how the runtime is built; it is built lazily, so importing ``actors`` opens no connection."""
+    global _factory, _runtime, _options
+    with _lock:
+        _factory = factory
+        _runtime = None
+        _options = options
+
+
+def options() -> ActorOptions:
+    """The actor options set by ``configure``."""
+    return _options
+
+
+def current() -> Runtime:
+    """The runtime of this process, built on first call."""
+    global _runtime
+    if _runtime is not None:
+        return _runtime
+    with _lock:
+        if _runtime is None:
+            if _factory is None:
+                raise RuntimeError("actors runtime is not configured: import actors first")
+            _runtime = _factory()
+        return _runtime

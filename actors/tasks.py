@@ -1,0 +1,98 @@
+"""The Dramatiq actors. Names and arguments are part of the public contract."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+from pydantic import BaseModel, ValidationError
+
+from actors import cancellation, runtime
+from actors.jobs import Delivery, InvalidPayload, JobFailed
+from actors.payloads import (
+    GenerateMessage,
+    JobRef,
+    PreviewMessage,
+    describe_validation_error,
+    salvage_identity,
+)
+from repositories.store import JobKind, utcnow
+
+logger = logging.getLogger(__name__)
+
+GENERATE_MAX_RETRIES = 3
+PREVIEW_MAX_RETRIES = 2
+_NOT_RETRIED = (JobFailed, InvalidPayload)
+
+Payload = TypeVar("Payload", bound=BaseModel)
+
+
+def _delivery(max_retries: int) -> Delivery:
+    message = CurrentMessage.get_current_message()
+    if message is None:
+        raise RuntimeError("actor called outside a worker (CurrentMessage middleware missing)")
+    return Delivery(
+        message_id=message.message_id,
+        retries=int(message.options.get("retries", 0)),
+        max_retries=max_retries,
+    )
+
+
+def _validated(model: type[Payload], payload: dict[str, Any], kind: JobKind | None) -> Payload:
+    """Validate a message payload; an invalid one fails its job (when identifiable) and is never retried."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        reason = describe_validation_error(exc)
+        job_id, user_id = salvage_identity(payload)
+        if job_id is not None and kind is not None:
+            runtime.current().store.record_invalid(job_id=job_id, user_id=user_id, kind=kind, error=reason)
+        logger.warning("invalid message rejected: %s", reason, extra={"job_id": job_id, "user_id": user_id})
+        raise InvalidPayload(reason) from None
+
+
+@dramatiq.actor(
+    queue_name="llm_generate",
+    max_retries=GENERATE_MAX_RETRIES,
+    throws=_NOT_RETRIED,
+    time_limit=runtime.options().generate_time_limit_ms,
+)
+def generate_llm_response(job_id: Any = None, user_id: Any = None, params: Any = None, **unexpected: Any) -> None:
+    """Create the job row if missing, stream the answer from the provider, and store it."""
+    payload = {"job_id": job_id, "user_id": user_id, "params": params, **unexpected}
+    message = _validated(GenerateMessage, payload, JobKind.GENERATE)
+    runtime.current().runner.run_generation(message, _delivery(GENERATE_MAX_RETRIES))
+
+
+@dramatiq.actor(
+    queue_name="llm_preview",
+    max_retries=PREVIEW_MAX_RETRIES,
+    throws=_NOT_RETRIED,
+    time_limit=runtime.options().preview_time_limit_ms,
+)
+def generate_preview(
+    job_id: Any = None, user_id: Any = None, title: Any = None, content: Any = None, **unexpected: Any
+) -> None:
+    """Make a tile preview: short content as is, long content summarised by the fast preview model."""
+    payload = {"job_id": job_id, "user_id": user_id, "title": title, "content": content, **unexpected}
+    message = _validated(PreviewMessage, payload, JobKind.PREVIEW)
+    runtime.current().runner.run_preview(message, _delivery(PREVIEW_MAX_RETRIES))
+
+
+@dramatiq.actor(queue_name="llm_control", max_retries=3, throws=(InvalidPayload,))
+def cancel_llm_job(job_id: Any = None, user_id: Any = None, **unexpected: Any) -> None:
+    """Cancel a pending or processing job of this user; finished jobs are left alone."""
+    ref = _validated(JobRef, {"job_id": job_id, "user_id": user_id, **unexpected}, None)
+    cancellation.cancel(runtime.current().store, ref.job_id, ref.user_id)
+
+
+@dramatiq.actor(queue_name="llm_control", max_retries=3)
+def cleanup_old_jobs(retention_days: int | None = None) -> None:
+    """Delete finished jobs older than ``JOB_RETENTION_DAYS``; pending and processing jobs are never touched."""
+    days = retention_days if retention_days is not None else runtime.options().retention_days
+    cutoff = utcnow() - timedelta(days=days)
+    deleted = runtime.current().store.delete_finished_before(cutoff)
+    logger.info("cleanup deleted %d finished jobs older than %d days", deleted, days)

@@ -1,0 +1,97 @@
+"""Builds the broker and the runtime from ``Settings``: the only place below the entry points that reads them."""
+
+from __future__ import annotations
+
+import logging
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+
+from actors.jobs import JobRunner, RetryPolicy
+from actors.runtime import ActorOptions, Runtime
+from middleware.prefetch import QueuePrefetch
+from repositories.chat import ChatProvider
+from repositories.migrations import upgrade_database
+from repositories.openrouter import OpenRouterProvider
+from repositories.store import JobStore, create_store_engine
+from settings import ProviderName, Settings
+
+logger = logging.getLogger(__name__)
+
+#: Chance, per million Redis commands, that a command also requeues the messages of dead workers.
+#: Dramatiq's default (1 in 1000) can leave a killed worker's messages stranded for a long time on a
+#: quiet queue; 1 in 10 keeps recovery within seconds of the heartbeat timeout at negligible cost.
+MAINTENANCE_CHANCE = 100_000
+
+
+def build_broker(settings: Settings) -> dramatiq.Broker:
+    """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages."""
+    middleware = [
+        AgeLimit(),
+        TimeLimit(time_limit=(settings.generate_timeout_s + 60) * 1000),
+        ShutdownNotifications(),
+        Callbacks(),
+        Pipelines(),
+        Retries(
+            max_retries=3,
+            min_backoff=settings.retry_min_backoff_ms,
+            max_backoff=settings.retry_max_backoff_ms,
+        ),
+        CurrentMessage(),
+        QueuePrefetch(per_thread=1),
+    ]
+    return RedisBroker(  # type: ignore[no-untyped-call]
+        url=settings.redis_url,
+        middleware=middleware,
+        heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
+        maintenance_chance=MAINTENANCE_CHANCE,
+    )
+
+
+def build_provider(settings: Settings) -> ChatProvider:
+    """The provider chosen by ``LLM_PROVIDER``."""
+    if settings.llm_provider is ProviderName.OPENROUTER:
+        key = settings.openrouter_api_key.get_secret_value() if settings.openrouter_api_key else None
+        return OpenRouterProvider(
+            base_url=settings.openrouter_base_url,
+            api_key=key,
+            read_timeout_s=settings.provider_read_timeout_s,
+        )
+    raise NotImplementedError(f"LLM_PROVIDER={settings.llm_provider} is not available yet")
+
+
+def actor_options(settings: Settings) -> ActorOptions:
+    """Time limits a minute above the attempt limits (the runner stops first), and the retention."""
+    return ActorOptions(
+        generate_time_limit_ms=(settings.generate_timeout_s + 60) * 1000,
+        preview_time_limit_ms=(settings.preview_timeout_s + 60) * 1000,
+        retention_days=settings.job_retention_days,
+    )
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """The job store (migrated when ``AUTO_MIGRATE`` is on) and the job runner."""
+    engine = create_store_engine(settings.database_url)
+    if settings.auto_migrate:
+        upgrade_database(engine)
+    store = JobStore(engine)
+    runner = JobRunner(
+        store=store,
+        provider_factory=lambda: build_provider(settings),
+        preview_model=settings.preview_model,
+        retry_policy=RetryPolicy(settings.retry_min_backoff_ms, settings.retry_max_backoff_ms),
+        progress_interval_s=settings.progress_interval_ms / 1000,
+        lease_s=settings.job_lease_s,
+        generate_timeout_s=settings.generate_timeout_s,
+        preview_timeout_s=settings.preview_timeout_s,
+    )
+    return Runtime(store=store, runner=runner)

@@ -1,0 +1,103 @@
+"""The provider-neutral chat request, stream events and the one Protocol every provider implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, StringConstraints(max_length=1_000_000)]
+
+
+class ChatRequest(BaseModel):
+    """Validated generation parameters: what web code passes as ``params`` and what a provider receives."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: ModelName
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1000)]
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _has_a_non_system_message(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if all(message.role == "system" for message in messages):
+            raise ValueError("needs at least one user or assistant message")
+        return messages
+
+    def sampling_options(self) -> dict[str, Any]:
+        """Return the optional sampling fields that were set, as a plain dict."""
+        return self.model_dump(exclude={"model", "messages"}, exclude_none=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one completion."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        """The ``usage`` object stored in a job's response."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of generated text, in arrival order."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The last event of a successful stream: who answered, why it stopped, and what it cost."""
+
+    model: str
+    finish_reason: str | None
+    usage: Usage | None
+    cost: float | None = None
+
+
+StreamEvent = TextDelta | Finished
+
+
+class ChatProvider(Protocol):
+    """A model provider: streams one chat completion, raising ``ProviderError`` subclasses on failure.
+
+    A provider never retries on its own; leaving the iteration early closes the connection.
+    """
+
+    @property
+    def name(self) -> str:
+        """The provider's name as stored in job responses (``openrouter``, ``anthropic``, ...)."""
+        ...
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Yield ``TextDelta`` events as text arrives, then exactly one ``Finished`` event."""
+        ...

@@ -1,0 +1,432 @@
+"""The SQL job store: the ``llm_job_results`` table and every status change as a compare-and-set."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    Engine,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+logger = logging.getLogger(__name__)
+
+
+class JobStatus(StrEnum):
+    """The life of a job: ``pending`` → ``processing`` → ``completed`` | ``failed`` | ``cancelled``."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """True for ``completed``, ``failed`` and ``cancelled``: nothing moves a job out of them."""
+        return not TRANSITIONS[self]
+
+
+class JobKind(StrEnum):
+    """What a job does."""
+
+    GENERATE = "generate"
+    PREVIEW = "preview"
+
+
+#: The allowed status changes; a retry sends a processing job back to pending.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.PENDING: frozenset({JobStatus.PROCESSING, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.PROCESSING: frozenset({JobStatus.PENDING, JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+FINAL_STATUSES = tuple(status for status in JobStatus if status.is_final)
+
+
+def sources_of(target: JobStatus) -> tuple[JobStatus, ...]:
+    """Every status from which ``target`` may be reached."""
+    return tuple(source for source, targets in TRANSITIONS.items() if target in targets)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores UTC timestamps and always reads them back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the job store; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONDocument = JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the job store's tables."""
+
+
+class JobRow(Base):
+    """One LLM job: the request, its progress and its outcome."""
+
+    __tablename__ = "llm_job_results"
+
+    job_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    request: Mapped[dict[str, Any]] = mapped_column(JSONDocument, nullable=False)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    content: Mapped[str] = mapped_column(Text, nullable=False, default="", server_default="")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    provider: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        Index("ix_llm_job_results_user_created", "user_id", "created_at"),
+        Index("ix_llm_job_results_status_updated", "status", "updated_at"),
+        CheckConstraint(
+            "status IN ('pending', 'processing', 'completed', 'failed', 'cancelled')",
+            name="ck_llm_job_results_status",
+        ),
+        CheckConstraint("kind IN ('generate', 'preview')", name="ck_llm_job_results_kind"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A snapshot of one job as web code sees it."""
+
+    job_id: str
+    user_id: str
+    kind: JobKind
+    status: JobStatus
+    content: str
+    request: dict[str, Any]
+    response: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    provider: str | None
+    model: str | None
+    usage: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    lease_owner: str | None
+    heartbeat_at: datetime | None
+    enqueued_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Job:
+        """Copy a result row of ``select(JobRow)`` into an immutable snapshot."""
+        values = dict(row._mapping)
+        values["kind"] = JobKind(values["kind"])
+        values["status"] = JobStatus(values["status"])
+        values["content"] = values["content"] or ""
+        return cls(**values)
+
+
+def normalize_database_url(url: str) -> str:
+    """Use the psycopg 3 driver for a bare ``postgresql://`` URL (psycopg2 is not a dependency)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """Build an engine for SQLite (WAL, busy timeout) or PostgreSQL (pre-ping, sized pool)."""
+    url = normalize_database_url(url)
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+
+
+class JobStore:
+    """Reads and writes jobs; every status write is ``UPDATE ... WHERE status IN (allowed)``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # -- creation -------------------------------------------------------------------------------
+
+    def create(
+        self, *, job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], now: datetime | None = None
+    ) -> bool:
+        """Insert a pending job unless one with this id exists; True when this call created it."""
+        now = now or utcnow()
+        values = {
+            "job_id": job_id,
+            "user_id": user_id,
+            "kind": str(kind),
+            "status": str(JobStatus.PENDING),
+            "request": request,
+            "content": "",
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(JobRow).values(values).on_conflict_do_nothing()
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def record_invalid(self, *, job_id: str, user_id: str, kind: JobKind, error: str) -> bool:
+        """Fail a job whose message payload is invalid, creating the row if it is missing."""
+        self.create(job_id=job_id, user_id=user_id, kind=kind, request={})
+        return self._transition(job_id, JobStatus.FAILED, {"error": error}, JobRow.user_id == user_id)
+
+    def mark_enqueued(self, job_id: str) -> None:
+        """Record that the job's message reached the broker."""
+        with self.engine.begin() as connection:
+            connection.execute(update(JobRow).where(JobRow.job_id == job_id).values(enqueued_at=utcnow()))
+
+    def delete_unsent(self, job_id: str) -> None:
+        """Remove a pending job whose message never reached the broker, so the same id can be sent again."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                delete(JobRow).where(
+                    JobRow.job_id == job_id,
+                    JobRow.status == JobStatus.PENDING,
+                    JobRow.enqueued_at.is_(None),
+                )
+            )
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        """The job with this id, or None."""
+        with self.engine.connect() as connection:
+            row = connection.execute(select(JobRow).where(JobRow.job_id == job_id)).first()
+        return None if row is None else Job.from_row(row)
+
+    def list_jobs(
+        self, *, user_id: str | None = None, statuses: Iterable[JobStatus] = (), limit: int = 100
+    ) -> list[Job]:
+        """The newest jobs first, optionally of one user and in some statuses."""
+        query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
+        if user_id is not None:
+            query = query.where(JobRow.user_id == user_id)
+        wanted = [str(status) for status in statuses]
+        if wanted:
+            query = query.where(JobRow.status.in_(wanted))
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [Job.from_row(row) for row in rows]
+
+    def count_by_status(self) -> dict[JobStatus, int]:
+        """How many jobs are in each status."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+        return {JobStatus(status): count for status, count in rows}
+
+    # -- status changes -------------------------------------------------------------------------
+
+    def _transition(self, job_id: str, target: JobStatus, values: dict[str, Any], *conditions: Any) -> bool:
+        """Compare-and-set the status to ``target``; True when this call made the change."""
+        now = utcnow()
+        values = {"status": str(target), "updated_at": now, **values}
+        if target.is_final:
+            values.setdefault("finished_at", now)
+        statement = (
+            update(JobRow)
+            .where(JobRow.job_id == job_id, JobRow.status.in_([str(s) for s in sources_of(target)]), *conditions)
+            .values(values)
+        )
+        with self.engine.begin() as connection:
+            changed = connection.execute(statement).rowcount == 1
+        if changed:
+            logger.debug("job moved to %s", target, extra={"job_id": job_id, "status": str(target)})
+        return changed
+
+    def claim(self, job_id: str, *, owner: str, lease_s: float, count_attempt: bool = True) -> Job | None:
+        """Move a job to ``processing`` for ``owner`` (a message id); None when it is not ours to run.
+
+        A pending job is claimed. A processing job is claimed again by the same message (redelivered
+        after its worker died) or, once its heartbeat is older than ``lease_s``, by any message.
+        """
+        now = utcnow()
+        stale = now - timedelta(seconds=lease_s)
+        values: dict[str, Any] = {
+            "status": str(JobStatus.PROCESSING),
+            "lease_owner": owner,
+            "heartbeat_at": now,
+            "updated_at": now,
+            "started_at": func.coalesce(JobRow.started_at, now),
+        }
+        if count_attempt:
+            values["attempts"] = JobRow.attempts + 1
+        statement = (
+            update(JobRow)
+            .where(
+                JobRow.job_id == job_id,
+                or_(
+                    JobRow.status == JobStatus.PENDING,
+                    (JobRow.status == JobStatus.PROCESSING)
+                    & or_(JobRow.lease_owner == owner, JobRow.heartbeat_at < stale),
+                ),
+            )
+            .values(values)
+        )
+        with self.engine.begin() as connection:
+            if connection.execute(statement).rowcount != 1:
+                return None
+            row = connection.execute(select(JobRow).where(JobRow.job_id == job_id)).one()
+        return Job.from_row(row)
+
+    def heartbeat(self, job_id: str, *, owner: str, content: str | None = None) -> bool:
+        """Refresh the lease and, when given, the partial text; False once the job is no longer ours."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow(), "updated_at": utcnow()}
+        if content is not None:
+            values["content"] = content
+        statement = (
+            update(JobRow)
+            .where(JobRow.job_id == job_id, JobRow.status == JobStatus.PROCESSING, JobRow.lease_owner == owner)
+            .values(values)
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def complete(
+        self,
+        job_id: str,
+        *,
+        owner: str,
+        content: str,
+        response: dict[str, Any],
+        provider: str | None,
+        model: str | None,
+        usage: dict[str, Any] | None,
+    ) -> bool:
+        """Store the final answer; False when the job was cancelled or taken over meanwhile."""
+        return self._transition(
+            job_id,
+            JobStatus.COMPLETED,
+            {
+                "content": content,
+                "response": response,
+                "provider": provider,
+                "model": model,
+                "usage": usage,
+                "error": None,
+            },
+            JobRow.lease_owner == owner,
+        )
+
+    def release_for_retry(self, job_id: str, *, owner: str, error: str) -> bool:
+        """Send a processing job back to pending for another attempt, dropping the failed attempt's text."""
+        return self._transition(
+            job_id,
+            JobStatus.PENDING,
+            {"error": error, "content": "", "lease_owner": None, "heartbeat_at": None},
+            JobRow.lease_owner == owner,
+        )
+
+    def fail(self, job_id: str, *, error: str, owner: str | None = None) -> bool:
+        """Fail a pending or processing job (only the owner's, when ``owner`` is given)."""
+        conditions = [] if owner is None else [JobRow.lease_owner == owner]
+        return self._transition(job_id, JobStatus.FAILED, {"error": error}, *conditions)
+
+    def cancel(self, job_id: str, *, user_id: str) -> bool:
+        """Cancel the user's pending or processing job; False if unknown, another user's, or finished."""
+        return self._transition(job_id, JobStatus.CANCELLED, {}, JobRow.user_id == user_id)
+
+    def keep_partial(self, job_id: str, *, owner: str, content: str) -> None:
+        """Save the text streamed before a cancel took effect, without touching the status."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(JobRow)
+                .where(
+                    JobRow.job_id == job_id,
+                    JobRow.status == JobStatus.CANCELLED,
+                    JobRow.lease_owner == owner,
+                )
+                .values(content=content)
+            )
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def finished_before(self, cutoff: datetime, *, limit: int) -> Sequence[str]:
+        """Ids of finished jobs last updated before ``cutoff``: what the cleanup would delete."""
+        query = (
+            select(JobRow.job_id)
+            .where(JobRow.status.in_([str(s) for s in FINAL_STATUSES]), JobRow.updated_at < cutoff)
+            .order_by(JobRow.updated_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).scalars())
+
+    def delete_finished_before(self, cutoff: datetime, *, batch_size: int = 1000) -> int:
+        """Delete finished jobs last updated before ``cutoff`` in batches; return how many went."""
+        total = 0
+        while True:
+            ids = self.finished_before(cutoff, limit=batch_size)
+            if not ids:
+                return total
+            with self.engine.begin() as connection:
+                total += connection.execute(
+                    delete(JobRow).where(JobRow.job_id.in_(ids), JobRow.status.in_([str(s) for s in FINAL_STATUSES]))
+                ).rowcount
+            if len(ids) < batch_size:
+                return total

@@ -1,0 +1,72 @@
+"""The scheduler process (``make scheduler``): enqueues ``cleanup_old_jobs`` on ``CLEANUP_CRON``.
+
+It only sends a message; a worker does the deleting. Run one scheduler per deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from datetime import UTC, datetime
+from types import FrameType
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+
+logger = logging.getLogger("scheduler")
+
+
+def send_cleanup() -> None:
+    """Enqueue one ``cleanup_old_jobs`` message."""
+    from actors import cleanup_old_jobs
+
+    message = cleanup_old_jobs.send()
+    logger.info("cleanup_old_jobs enqueued (message %s)", message.message_id)
+
+
+def build_scheduler(cron: str, *, timezone: str = "UTC") -> BlockingScheduler:
+    """A blocking scheduler with one job: ``send_cleanup`` on the crontab expression ``cron``."""
+    scheduler = BlockingScheduler(timezone=timezone)
+    scheduler.add_job(
+        send_cleanup,
+        CronTrigger.from_crontab(cron, timezone=timezone),
+        id="cleanup_old_jobs",
+        coalesce=True,
+        max_instances=1,
+        misfire_grace_time=3600,
+    )
+    return scheduler
+
+
+def main() -> int:
+    """Run until SIGINT or SIGTERM, logging when the cleanup runs next."""
+    from actors import settings
+
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    scheduler = build_scheduler(settings.cleanup_cron)
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s, stopping", signal.Signals(signum).name)
+        scheduler.shutdown(wait=False)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+    def log_next_run(_event: JobExecutionEvent | None = None) -> None:
+        job = scheduler.get_job("cleanup_old_jobs")
+        upcoming = job.trigger.get_next_fire_time(None, datetime.now(UTC)) if job is not None else None
+        if upcoming is not None:
+            logger.info("next cleanup at %s", upcoming.isoformat())
+
+    scheduler.add_listener(log_next_run, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+    logger.info("scheduler started: cleanup_old_jobs on %r (UTC)", settings.cleanup_cron)
+    log_next_run()
+    scheduler.start()
+    logger.info("scheduler stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

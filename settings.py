@@ -1,0 +1,122 @@
+"""Process settings, read once by the entry points (``actors``, ``scheduler.py``, the run script).
+
+Every variable of the public contract lives here. Everything below the entry points takes plain
+constructor arguments instead of reading the environment.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ProviderName(StrEnum):
+    """The model providers a worker can be configured with (``LLM_PROVIDER``)."""
+
+    OPENROUTER = "openrouter"
+    ANTHROPIC = "anthropic"
+    CLAUDE_AGENT_SDK = "claude-agent-sdk"
+
+
+class ConfigurationError(ValueError):
+    """A setting is missing or invalid; the message names the variable and never its value."""
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """All settings of the service, from the environment or a ``.env`` file (names are case-insensitive)."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "sqlite:///./llm_jobs.db"
+    llm_provider: ProviderName = ProviderName.OPENROUTER
+
+    openrouter_api_key: SecretStr | None = None
+    openrouter_base_url: str = "https://openrouter.ai/api/v1"
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str | None = None
+
+    preview_model: str = "openai/gpt-4o-mini"
+
+    generate_user_concurrency: PositiveInt = 5
+    preview_user_concurrency: PositiveInt = 10
+
+    job_retention_days: PositiveInt = 7
+    cleanup_cron: str = "0 2 * * *"
+
+    retry_min_backoff_ms: PositiveInt = 2000
+    retry_max_backoff_ms: PositiveInt = 60000
+
+    # Operational knobs beyond the contract, documented in the README.
+    generate_timeout_s: PositiveInt = 900
+    """Wall-clock limit of one generate attempt, in seconds."""
+    preview_timeout_s: PositiveInt = 60
+    """Wall-clock limit of one preview attempt, in seconds."""
+    provider_read_timeout_s: PositiveInt = 120
+    """Longest silence tolerated on a provider stream before the attempt counts as timed out, in seconds."""
+    progress_interval_ms: Annotated[int, Field(ge=50, le=1000)] = 500
+    """How often the partial text and the job heartbeat are written while streaming, in milliseconds."""
+    job_lease_s: Annotated[int, Field(ge=5)] = 30
+    """A processing job whose heartbeat is older than this may be taken over by another message, in seconds."""
+    broker_heartbeat_timeout_ms: Annotated[int, Field(ge=5000)] = 15000
+    """A worker silent this long is presumed dead and its unacked messages are requeued, in milliseconds."""
+    auto_migrate: bool = True
+    """Apply the Alembic migrations on first use of the job store."""
+    log_level: str = "INFO"
+
+    @field_validator("cleanup_cron")
+    @classmethod
+    def _cron_has_five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("must be a five-field crontab expression, e.g. '0 2 * * *'")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_is_supported(cls, value: str) -> str:
+        if not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("must be a sqlite:// or postgresql+psycopg:// SQLAlchemy URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_bounds_are_ordered(self) -> Settings:
+        if self.retry_min_backoff_ms > self.retry_max_backoff_ms:
+            raise ValueError("RETRY_MIN_BACKOFF_MS must not exceed RETRY_MAX_BACKOFF_MS")
+        return self
+
+    def require_provider_key(self) -> None:
+        """Raise ``ConfigurationError`` when the configured provider has no API key."""
+        if self.llm_provider is ProviderName.OPENROUTER:
+            # A local OpenAI-compatible server (llama.cpp, vLLM) needs no key; openrouter.ai does.
+            if self.openrouter_api_key is None and "openrouter.ai" in self.openrouter_base_url:
+                raise ConfigurationError("OPENROUTER_API_KEY is required when LLM_PROVIDER=openrouter")
+        elif self.anthropic_api_key is None:
+            raise ConfigurationError(f"ANTHROPIC_API_KEY is required when LLM_PROVIDER={self.llm_provider}")
+
+
+def load_settings() -> Settings:
+    """Read the settings, turning a validation failure into a ``ConfigurationError`` naming each variable.
+
+    Pydantic's own message echoes the rejected input, which could be a secret; this one does not.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            variable = ".".join(str(part) for part in error["loc"]).upper() or "settings"
+            problems.append(f"{variable}: {error['msg']}")
+        raise ConfigurationError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,180 @@
+"""Integration fixtures: a real ``dramatiq actors`` worker process, real Redis, SQLite and PostgreSQL,
+and a loopback server that speaks OpenRouter's wire protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import actors
+from actors import runtime
+from actors.wiring import actor_options, build_runtime
+from repositories.store import Job, JobStatus, JobStore
+from settings import Settings
+from tests.conftest import database_url_for
+from tests.loopback.openrouter import OpenRouterServer
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+READY_LINE = "Worker process is ready for action."
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+class WorkerProcess:
+    """One ``dramatiq actors`` command in its own process group, logging to a file."""
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, threads: int = 8, processes: int = 1) -> None:
+        self.env = dict(env)
+        self.log_path = log_path
+        self.threads = threads
+        self.processes = processes
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, timeout: float = 60.0) -> WorkerProcess:
+        """Start the worker and wait until every worker process reports ready."""
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dramatiq",
+                "actors",
+                "--processes",
+                str(self.processes),
+                "--threads",
+                str(self.threads),
+                "--worker-shutdown-timeout",
+                "10000",
+            ],
+            cwd=PROJECT_ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_until(
+            lambda: self._ready_count() >= self.processes or self.process is None or self.process.poll() is not None,
+            timeout=timeout,
+            interval=0.1,
+            what="the worker to be ready",
+        )
+        if self.process.poll() is not None:
+            raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+        return self
+
+    def _ready_count(self) -> int:
+        return self.log_path.read_bytes()[self._log_offset :].count(READY_LINE.encode())
+
+    def log(self) -> str:
+        """Everything the worker has printed so far."""
+        return self.log_path.read_bytes().decode("utf-8", "replace") if self.log_path.exists() else ""
+
+    def stop(self, *, timeout: float = 20.0) -> int | None:
+        """SIGTERM the process group and wait; SIGKILL whatever is left after ``timeout``."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL every process of the worker at once, as a crashed machine would."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+@dataclass
+class Stack:
+    """A running stack: the store the worker writes to, the provider server, the worker, its settings."""
+
+    backend: str
+    database_url: str
+    store: JobStore
+    server: OpenRouterServer
+    worker: WorkerProcess
+    env: dict[str, str]
+
+    def wait_for_status(self, job_id: str, *statuses: JobStatus, timeout: float = 20.0) -> Job:
+        """Wait until the job reaches one of ``statuses`` (any final status when none are given)."""
+        wanted = set(statuses) or {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
+
+        def reached() -> Job | None:
+            job = self.store.get(job_id)
+            return job if job is not None and job.status in wanted else None
+
+        job: Job = wait_until(reached, timeout=timeout, what=f"job {job_id} to reach {sorted(wanted)}")
+        return job
+
+    def new_worker(self, name: str, **env: str) -> WorkerProcess:
+        """Another worker on the same stack (not started), with extra environment."""
+        return WorkerProcess({**self.env, **env}, self.worker.log_path.with_name(f"{name}.log"))
+
+
+def worker_env(database_url: str, server: OpenRouterServer, **extra: str) -> dict[str, str]:
+    """The environment of a worker process under test."""
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "OPENROUTER_BASE_URL": server.base_url,
+        "PROGRESS_INTERVAL_MS": "200",
+        "BROKER_HEARTBEAT_TIMEOUT_MS": "5000",
+        "JOB_LEASE_S": "10",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(PROJECT_ROOT),
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def openrouter() -> Iterator[OpenRouterServer]:
+    """The loopback OpenRouter server for the whole session."""
+    with OpenRouterServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def stack(
+    request: pytest.FixtureRequest, openrouter: OpenRouterServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A worker process with the store on SQLite, then on PostgreSQL; the test process shares the store."""
+    backend = request.param
+    database_url = database_url_for(request, backend)
+    actors.broker.flush_all()
+    settings = Settings(database_url=database_url)
+    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+    store = runtime.current().store
+    env = worker_env(database_url, openrouter)
+    worker = WorkerProcess(env, tmp_path_factory.mktemp(f"worker-{backend}") / "worker.log").start()
+    yield Stack(backend, database_url, store, openrouter, worker, env)
+    worker.stop()
+    actors.broker.flush_all()
+    store.engine.dispose()

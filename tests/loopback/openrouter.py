@@ -1,0 +1,810 @@
+"""Scriptable loopback HTTP server that imitates OpenRouter's chat-completions wire protocol.
+
+The server runs in a background thread of the test process; worker processes talk real HTTP to it.
+Every request to ``POST .../chat/completions`` consumes one scripted `Reply` and is recorded as a
+`RecordedRequest` (arrival time, close time, whether the client hung up, chunks sent).
+
+Example::
+
+    with OpenRouterServer() as server:
+        server.script(Reply.error(429, retry_after="2"), Reply.ok("Hi", " there"))
+        server.script_for("job-42", Reply.ok("a", "b", stall_after_chunks=1))
+        ...  # point the code under test at server.base_url
+        request = server.wait_for_requests(1, key="job-42")[0]
+        assert server.wait_for_close(request, timeout=1.0).closed_by_client
+
+Manual use (serves the default reply until interrupted)::
+
+    python -m tests.loopback.openrouter --port 8089
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import select
+import socket
+import socketserver
+import struct
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Literal, NoReturn, cast
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "KEEPALIVE_COMMENT",
+    "USAGE_COST",
+    "OpenRouterServer",
+    "RecordedRequest",
+    "Reply",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "openrouter/loopback"
+"""Model reported in chunks when neither the reply nor the request names one."""
+
+KEEPALIVE_COMMENT = ": OPENROUTER PROCESSING"
+"""SSE comment line OpenRouter sends while the upstream provider is busy."""
+
+USAGE_COST = 0.00012
+"""Cost (credits) reported in every usage chunk."""
+
+_POLL_INTERVAL_S = 0.01
+_STOP_JOIN_TIMEOUT_S = 5.0
+_SOCKET_TIMEOUT_S = 60.0
+_HAS_POLL = hasattr(select, "poll")
+
+_Failure = Literal["error", "drop", "stall"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public data types
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer to one request: a success stream, an error status, or a stream that fails midway.
+
+    When several of ``error_after_chunks`` / ``drop_after_chunks`` / ``stall_after_chunks`` are set, the
+    one with the smallest count fires (ties: error, then drop, then stall); counts above ``len(chunks)``
+    fire after the last content chunk.
+    """
+
+    # success stream
+    chunks: Sequence[str] = ("Hello", ", ", "world")
+    chunk_delay_s: float = 0.0
+    first_chunk_delay_s: float = 0.0
+    keepalive_comments: bool = True
+    usage: bool = True
+    finish_reason: str = "stop"
+    model: str | None = None
+    # failures
+    status: int = 200
+    retry_after: str | None = None
+    error_message: str = "scripted error"
+    error_after_chunks: int | None = None
+    error_code: int | str = 502
+    drop_after_chunks: int | None = None
+    drop_with_reset: bool = False
+    stall_after_chunks: int | None = None
+    # extension: delay before the status line (slow provider / header timeout), for any status
+    headers_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Normalise ``chunks`` to a tuple (a bare string becomes one chunk) and validate the numbers."""
+        chunks = (self.chunks,) if isinstance(self.chunks, str) else tuple(self.chunks)
+        object.__setattr__(self, "chunks", chunks)
+        if not 100 <= self.status <= 599:
+            raise ValueError(f"status must be an HTTP status code, got {self.status}")
+        for name in ("chunk_delay_s", "first_chunk_delay_s", "headers_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("error_after_chunks", "drop_after_chunks", "stall_after_chunks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None")
+
+    @classmethod
+    def ok(cls, *chunks: str, **kw: Any) -> Reply:
+        """A success stream of the given text pieces (the default pieces when none are given)."""
+        if chunks:
+            kw["chunks"] = chunks
+        return cls(**kw)
+
+    @classmethod
+    def error(
+        cls,
+        status: int,
+        retry_after: str | int | None = None,
+        message: str = "scripted error",
+        **kw: Any,
+    ) -> Reply:
+        """An error answered before any stream: HTTP ``status`` with an OpenRouter JSON error body."""
+        if status == 200:
+            raise ValueError("Reply.error needs a non-200 status; use error_after_chunks for mid-stream errors")
+        return cls(
+            status=status,
+            retry_after=None if retry_after is None else str(retry_after),
+            error_message=message,
+            **kw,
+        )
+
+    @property
+    def is_error(self) -> bool:
+        """True when this reply is answered with a non-200 status before any stream."""
+        return self.status != 200
+
+
+@dataclass
+class RecordedRequest:
+    """What the server saw of one chat-completions request, and how its connection ended."""
+
+    index: int
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    received_at: float
+    closed_at: float | None = None
+    closed_by_client: bool = False
+    chunks_sent: int = 0
+    reply: Reply | None = None  # extension: the reply the server chose for this request
+
+    @property
+    def key(self) -> str | None:
+        """The ``user`` field of the JSON body when it is a string (the key `script_for` routes on)."""
+        user = self.body.get("user")
+        return user if isinstance(user, str) else None
+
+    @property
+    def last_message_text(self) -> str:
+        """Text of the last message in the request body ('' when there is none)."""
+        return _last_message_text(self.body)
+
+    def matches(self, key: str) -> bool:
+        """True when this request is routed to ``key``: ``user == key`` or ``[[key]]`` in the last message."""
+        return self.key == key or f"[[{key}]]" in self.last_message_text
+
+
+# --------------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------------
+
+
+class OpenRouterServer:
+    """Loopback OpenRouter imitation serving scripted replies from a background thread."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Configure the address; nothing is bound until `start`."""
+        self._host = host
+        self._port = port
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._fifo: deque[Reply] = deque()
+        self._keyed: dict[str, deque[Reply]] = {}
+        self._records: list[RecordedRequest] = []
+        self._default = Reply()
+        self._active: dict[socket.socket, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> OpenRouterServer:
+        """Bind the socket, start the serve thread and return self."""
+        if self._httpd is not None:
+            raise RuntimeError("OpenRouterServer is already running")
+        self._stopping.clear()
+        httpd = _HTTPServer((self._host, self._port), self)
+        thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"openrouter-loopback-{httpd.server_address[1]}",
+            daemon=True,
+        )
+        self._httpd, self._thread = httpd, thread
+        thread.start()
+        logger.info("OpenRouter loopback server listening at %s", self.base_url)
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, close every open (also stalled) connection and join the server threads."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None or thread is None:
+            return
+        self._stopping.set()
+        httpd.shutdown()
+        with self._lock:
+            active = list(self._active.items())
+        for conn, _ in active:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + _STOP_JOIN_TIMEOUT_S
+        for _, handler_thread in active:
+            handler_thread.join(max(0.0, deadline - time.monotonic()))
+            if handler_thread.is_alive():
+                logger.warning("handler thread %s did not finish within %ss", handler_thread.name, _STOP_JOIN_TIMEOUT_S)
+        httpd.server_close()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        self._httpd = self._thread = None
+        logger.debug("OpenRouter loopback server stopped")
+
+    def __enter__(self) -> OpenRouterServer:
+        """Start the server."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server."""
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """OpenRouter-style base URL, e.g. ``http://127.0.0.1:PORT/api/v1`` (no trailing slash)."""
+        if self._httpd is None:
+            raise RuntimeError("OpenRouterServer is not running; call start() first")
+        host, port = self._httpd.server_address[:2]
+        host_str = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://{host_str}:{port}/api/v1"
+
+    # scripting ------------------------------------------------------------------------------------
+
+    def script(self, *replies: Reply) -> None:
+        """Queue replies on the global FIFO, consumed one per request in arrival order."""
+        with self._lock:
+            self._fifo.extend(replies)
+
+    def script_for(self, key: str, *replies: Reply) -> None:
+        """Queue replies for requests routed to ``key``; they are used before the global FIFO.
+
+        Routed means: the body has ``"user": key`` or the last message contains ``[[key]]``.
+        """
+        with self._lock:
+            self._keyed.setdefault(key, deque()).extend(replies)
+
+    @property
+    def default(self) -> Reply:
+        """Reply used when no script matches (initially ``Reply()``)."""
+        with self._lock:
+            return self._default
+
+    @default.setter
+    def default(self, reply: Reply) -> None:
+        with self._lock:
+            self._default = reply
+
+    def reset(self) -> None:
+        """Forget all scripts and recorded requests (the default reply is kept)."""
+        with self._lock:
+            self._fifo.clear()
+            self._keyed.clear()
+            self._records = []
+            self._cond.notify_all()
+
+    # inspection -----------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Snapshot copies of all recorded requests, in arrival order."""
+        with self._lock:
+            return [_copy(r) for r in self._records]
+
+    def requests_for(self, key: str) -> list[RecordedRequest]:
+        """Snapshot copies of the recorded requests routed to ``key`` (see `RecordedRequest.matches`)."""
+        with self._lock:
+            return [_copy(r) for r in self._records if r.matches(key)]
+
+    def wait_for_requests(self, n: int, *, timeout: float = 10.0, key: str | None = None) -> list[RecordedRequest]:
+        """Block until at least ``n`` requests (matching ``key`` if given) arrived; return them all.
+
+        Raises `TimeoutError` if they do not arrive within ``timeout`` seconds.
+        """
+
+        def matching() -> list[RecordedRequest]:
+            return [r for r in self._records if key is None or r.matches(key)]
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(matching()) >= n, timeout=timeout):
+                got = matching()
+                what = "requests" if key is None else f"requests for key {key!r}"
+                raise TimeoutError(
+                    f"expected at least {n} {what} within {timeout}s, got {len(got)} "
+                    f"(all requests so far: {[(r.index, r.path, r.key) for r in self._records]})"
+                )
+            return [_copy(r) for r in matching()]
+
+    def wait_for_close(self, request: RecordedRequest | int, *, timeout: float = 10.0) -> RecordedRequest:
+        """Block until the connection of ``request`` (a record or its index) ended; return the updated record.
+
+        Raises `TimeoutError` if it is still open after ``timeout`` seconds.
+        """
+        index = request.index if isinstance(request, RecordedRequest) else request
+
+        def closed() -> bool:
+            return index < len(self._records) and self._records[index].closed_at is not None
+
+        with self._cond:
+            if not self._cond.wait_for(closed, timeout=timeout):
+                state = (
+                    "has not arrived"
+                    if index >= len(self._records)
+                    else f"is still open after {self._records[index].chunks_sent} chunks"
+                )
+                raise TimeoutError(f"request #{index} {state} (waited {timeout}s)")
+            return _copy(self._records[index])
+
+    # called from handler threads ------------------------------------------------------------------
+
+    def _register(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._active[conn] = threading.current_thread()
+
+    def _unregister(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._active.pop(conn, None)
+
+    def _record(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> RecordedRequest:
+        with self._cond:
+            record = RecordedRequest(
+                index=len(self._records), path=path, headers=headers, body=body, received_at=time.time()
+            )
+            record.reply = self._pick_reply(record)
+            self._records.append(record)
+            self._cond.notify_all()
+            return record
+
+    def _pick_reply(self, record: RecordedRequest) -> Reply:
+        # Lock held by the caller.
+        user = record.key
+        if user is not None and self._keyed.get(user):
+            return self._keyed[user].popleft()
+        text = record.last_message_text
+        if text:
+            for key, queue in self._keyed.items():
+                if queue and f"[[{key}]]" in text:
+                    return queue.popleft()
+        if self._fifo:
+            return self._fifo.popleft()
+        return self._default
+
+    def _chunk_sent(self, record: RecordedRequest) -> None:
+        with self._cond:
+            record.chunks_sent += 1
+            self._cond.notify_all()
+
+    def _mark_closed(self, record: RecordedRequest, *, by_client: bool) -> None:
+        with self._cond:
+            if record.closed_at is None:
+                record.closed_at = time.time()
+                record.closed_by_client = by_client
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP plumbing
+# --------------------------------------------------------------------------------------------------
+
+
+class _ClientGoneError(Exception):
+    """The client closed (or reset) its connection."""
+
+
+class _ServerStoppingError(Exception):
+    """`OpenRouterServer.stop` was called while the reply was in progress."""
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], owner: OpenRouterServer) -> None:
+        self.owner = owner
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the FQDN of the host, which can stall on machines without DNS.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = host.decode() if isinstance(host, bytes) else str(host)
+        self.server_port = port
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        logger.debug("error while handling a request from %s", client_address, exc_info=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "OpenRouterLoopback/1.0"
+    sys_version = ""
+    timeout = _SOCKET_TIMEOUT_S
+    disable_nagle_algorithm = True
+
+    # socketserver hooks ---------------------------------------------------------------------------
+
+    @property
+    def _owner(self) -> OpenRouterServer:
+        return cast(_HTTPServer, self.server).owner
+
+    @property
+    def _sock(self) -> socket.socket:
+        return cast(socket.socket, self.connection)
+
+    def setup(self) -> None:
+        super().setup()
+        self._owner._register(self._sock)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass
+        finally:
+            self._owner._unregister(self._sock)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("%s %s", self.address_string(), format % args)
+
+    # routes ---------------------------------------------------------------------------------------
+
+    def do_POST(self) -> None:
+        self.close_connection = True
+        path = self.path.split("?", 1)[0]
+        try:
+            raw = self._read_body()
+        except (OSError, ValueError):
+            logger.debug("could not read the request body of POST %s", path, exc_info=True)
+            self._close(graceful=False)
+            return
+        if not path.rstrip("/").endswith("/chat/completions"):
+            self._not_found(path)
+            return
+        record = self._owner._record(path, self._header_dict(), _parse_json_object(raw))
+        reply = record.reply or Reply()
+        outcome: Literal["done", "dropped", "client", "stopping", "failed"]
+        try:
+            self._pause(reply.headers_delay_s)
+            if reply.is_error:
+                self._send_error_body(reply.status, reply.error_message, reply.retry_after)
+                outcome = "done"
+            else:
+                outcome = self._stream(record, reply)
+        except _ClientGoneError:
+            outcome = "client"
+        except _ServerStoppingError:
+            outcome = "stopping"
+        except OSError as exc:
+            outcome = "stopping" if self._owner._stopping.is_set() else "client"
+            logger.debug("write to request #%d failed: %r", record.index, exc)
+        except Exception:
+            logger.exception("loopback handler failed on request #%d", record.index)
+            outcome = "failed"
+        # Record the close before closing, so a client that has seen EOF also sees ``closed_at`` set.
+        self._owner._mark_closed(record, by_client=outcome == "client")
+        if outcome != "dropped":
+            self._close(graceful=outcome == "done")
+        logger.debug("request #%d ended: %s after %d chunks", record.index, outcome, record.chunks_sent)
+
+    def do_GET(self) -> None:
+        self.close_connection = True
+        self._not_found(self.path.split("?", 1)[0])
+
+    do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def _not_found(self, path: str) -> None:
+        try:
+            self._send_error_body(404, f"no route for {self.command} {path}", None)
+        except (OSError, _ClientGoneError, _ServerStoppingError):
+            self._close(graceful=False)
+        else:
+            self._close(graceful=True)
+
+    # request parsing ------------------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts: list[bytes] = []
+            while True:
+                size = int(self.rfile.readline(65537).split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline(65537).strip():  # trailers
+                        pass
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline(65537)
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _header_dict(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, value in self.headers.items():
+            lower = name.lower()
+            headers[lower] = f"{headers[lower]}, {value}" if lower in headers else value
+        return headers
+
+    # responses ------------------------------------------------------------------------------------
+
+    def _send_error_body(self, status: int, message: str, retry_after: str | None) -> None:
+        payload = _dumps({"error": {"code": status, "message": message, "metadata": {}}})
+        self._check_stopping()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        if retry_after is not None:
+            self.send_header("Retry-After", retry_after)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self._write(payload)
+
+    def _stream(self, record: RecordedRequest, reply: Reply) -> Literal["done", "dropped"]:
+        requested_model = record.body.get("model")
+        model = reply.model or (requested_model if isinstance(requested_model, str) else DEFAULT_MODEL)
+        created = int(time.time())
+        base = {
+            "id": f"gen-{created}-{uuid.uuid4().hex[:20]}",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+
+        self._check_stopping()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+        if reply.keepalive_comments:
+            self._write_comment()
+        self._pause(reply.first_chunk_delay_s)
+
+        chunks = list(reply.chunks)
+        event = _first_failure(reply)
+        for i, piece in enumerate(chunks):
+            if i > 0:
+                self._between_chunks(reply)
+            if event is not None and event[0] == i:
+                return self._fail(event[1], record, reply, base)
+            delta = {"role": "assistant", "content": piece}
+            self._write_data({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            self._owner._chunk_sent(record)
+        if event is not None:
+            if chunks:
+                self._between_chunks(reply)
+            return self._fail(event[1], record, reply, base)
+
+        final = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "finish_reason": reply.finish_reason,
+            "native_finish_reason": reply.finish_reason,
+        }
+        self._write_data({**base, "choices": [final]})
+        if reply.usage:
+            prompt_tokens = max(1, len(json.dumps(record.body.get("messages", ""))) // 4)
+            completion_tokens = len(chunks)
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+                "cost": USAGE_COST,
+            }
+            self._write_data({**base, "choices": [], "usage": usage})
+        self._write(b"data: [DONE]\n\n")
+        return "done"
+
+    def _fail(
+        self,
+        kind: _Failure,
+        record: RecordedRequest,
+        reply: Reply,
+        base: dict[str, Any],
+    ) -> Literal["done", "dropped"]:
+        if kind == "stall":
+            logger.debug("request #%d stalls after %d chunks", record.index, record.chunks_sent)
+            self._stall()
+        if kind == "error":
+            self._write_data(
+                {
+                    **base,
+                    "error": {"code": reply.error_code, "message": reply.error_message},
+                    "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+                }
+            )
+            return "done"
+        self._owner._mark_closed(record, by_client=False)
+        self._drop(reset=reply.drop_with_reset)
+        return "dropped"
+
+    def _between_chunks(self, reply: Reply) -> None:
+        if reply.keepalive_comments:
+            self._write_comment()
+        self._pause(reply.chunk_delay_s)
+
+    # low-level socket work ------------------------------------------------------------------------
+
+    def _check_stopping(self) -> None:
+        if self._owner._stopping.is_set():
+            raise _ServerStoppingError
+
+    def _write(self, data: bytes) -> None:
+        self._check_stopping()
+        if self._peer_closed(0.0):
+            raise _ClientGoneError
+        try:
+            self.wfile.write(data)
+        except OSError as exc:
+            self._check_stopping()
+            raise _ClientGoneError from exc
+
+    def _write_data(self, obj: dict[str, Any]) -> None:
+        self._write(b"data: " + _dumps(obj) + b"\n\n")
+
+    def _write_comment(self) -> None:
+        self._write(KEEPALIVE_COMMENT.encode() + b"\n\n")
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` while watching for a client close (prompt) and for server stop."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self._check_stopping()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._peer_closed(min(remaining, _POLL_INTERVAL_S)):
+                self._check_stopping()
+                raise _ClientGoneError
+
+    def _stall(self) -> NoReturn:
+        """Hold the connection open until the client closes it or the server stops."""
+        while True:
+            self._check_stopping()
+            if self._peer_closed(_POLL_INTERVAL_S):
+                self._check_stopping()
+                raise _ClientGoneError
+
+    def _peer_closed(self, wait: float) -> bool:
+        """True if the client closed or reset the connection; waits up to ``wait`` s for readability."""
+        sock = self._sock
+        try:
+            if not _wait_readable(sock, wait):
+                return False
+            data = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return False
+        except (OSError, ValueError):
+            return True
+        if not data:
+            return True
+        try:  # unexpected bytes from the client: discard them so the socket does not stay readable
+            sock.recv(65536)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            pass
+        except OSError:
+            return True
+        return False
+
+    def _drop(self, *, reset: bool) -> None:
+        sock = self._sock
+        try:
+            if reset:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._release()
+
+    def _close(self, *, graceful: bool) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_WR if graceful else socket.SHUT_RDWR)
+        self._release()
+
+    def _release(self) -> None:
+        # The buffered rfile holds a reference on the socket; the descriptor is closed only when both are
+        # closed. socketserver's own close afterwards is a no-op on the closed socket.
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+        self._sock.close()
+
+
+def _wait_readable(sock: socket.socket, timeout: float) -> bool:
+    if _HAS_POLL:  # poll has no FD_SETSIZE limit
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _first_failure(reply: Reply) -> tuple[int, _Failure] | None:
+    n = len(reply.chunks)
+    triggers: list[tuple[int | None, _Failure]] = [
+        (reply.error_after_chunks, "error"),
+        (reply.drop_after_chunks, "drop"),
+        (reply.stall_after_chunks, "stall"),
+    ]
+    candidates = [
+        (min(after, n), priority, kind) for priority, (after, kind) in enumerate(triggers) if after is not None
+    ]
+    if not candidates:
+        return None
+    position, _, kind = min(candidates)
+    return position, kind
+
+
+def _last_message_text(body: dict[str, Any]) -> str:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return ""
+    content = messages[-1].get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # multi-part content: [{"type": "text", "text": "..."}, ...]
+        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def _parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        parsed = json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        logger.debug("request body is not JSON (%d bytes)", len(raw))
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _copy(record: RecordedRequest) -> RecordedRequest:
+    return dataclasses.replace(record, headers=dict(record.headers), body=dict(record.body))
+
+
+# --------------------------------------------------------------------------------------------------
+# Manual use
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the default reply until interrupted (``python -m tests.loopback.openrouter --port 8089``)."""
+    parser = argparse.ArgumentParser(description="Loopback OpenRouter chat-completions server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8089)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = OpenRouterServer(host=args.host, port=args.port).start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

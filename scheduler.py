@@ -15,6 +15,8 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecution
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from settings import ConfigurationError, load_settings
+
 logger = logging.getLogger("scheduler")
 
 
@@ -42,8 +44,11 @@ def build_scheduler(cron: str, *, timezone: str = "UTC") -> BlockingScheduler:
 
 def main() -> int:
     """Run until SIGINT or SIGTERM, logging when the cleanup runs next."""
-    from actors import settings
-
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        print(f"scheduler: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     scheduler = build_scheduler(settings.cleanup_cron)
 

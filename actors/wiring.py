@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
@@ -33,7 +32,7 @@ logger = logging.getLogger(__name__)
 MAINTENANCE_CHANCE = 100_000
 
 
-def build_broker(settings: Settings) -> dramatiq.Broker:
+def build_broker(settings: Settings) -> RedisBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages."""
     middleware = [
         AgeLimit(),

@@ -40,6 +40,11 @@ def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, interval:
         time.sleep(interval)
 
 
+def params(key: str, **extra: Any) -> dict[str, Any]:
+    """Generation params whose prompt routes the request to ``key``'s scripted replies on the loopback server."""
+    return {"model": "test/model", "messages": [{"role": "user", "content": f"Say hello [[{key}]]"}], **extra}
+
+
 class WorkerProcess:
     """One ``dramatiq actors`` command in its own process group, logging to a file."""
 
@@ -132,6 +137,19 @@ class Stack:
 
         job: Job = wait_until(reached, timeout=timeout, what=f"job {job_id} to reach {sorted(wanted)}")
         return job
+
+    def wait_until_no_message_for(self, job_id: str, *, timeout: float = 20.0) -> None:
+        """Wait until no message about ``job_id`` is queued, delayed or unacked in Redis (all were handled)."""
+        client = actors.broker.client
+        needle = job_id.encode()
+
+        def handled() -> bool:
+            for key in client.scan_iter(match="dramatiq:*.msgs"):
+                if any(needle in body for body in client.hvals(key)):
+                    return False
+            return True
+
+        wait_until(handled, timeout=timeout, interval=0.05, what=f"the messages of {job_id} to be handled")
 
     def new_worker(self, name: str, **env: str) -> WorkerProcess:
         """Another worker on the same stack (not started), with extra environment."""

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from actors import enqueue_generation, generate_llm_response, get_job
 from repositories.store import JobStatus
 from tests.conftest import TEST_API_KEY, unique
-from tests.integration.conftest import Stack, wait_until
+from tests.integration.conftest import Stack, params, wait_until
 from tests.loopback.openrouter import USAGE_COST, Reply
-
-
-def params(key: str, **extra: Any) -> dict[str, Any]:
-    """Generation params whose prompt routes the request to ``key``'s scripted replies."""
-    return {"model": "test/model", "messages": [{"role": "user", "content": f"Say hello [[{key}]]"}], **extra}
 
 
 def test_a_generation_completes_with_content_and_usage(stack: Stack) -> None:

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from actors import cancellation, runtime
+from actors import runtime
 from actors.payloads import GenerateMessage, GenerationParams, JobRef, PreviewMessage, new_job_id
 from actors.tasks import generate_llm_response, generate_preview
 from repositories.store import Job, JobKind, JobStatus
@@ -70,7 +70,7 @@ def cancel_job(job_id: str, user_id: str) -> bool:
     if not isinstance(job_id, str) or not isinstance(user_id, str):
         return False
     JobRef.model_validate({"job_id": job_id, "user_id": user_id})
-    return cancellation.cancel(runtime.current().store, job_id, user_id)
+    return runtime.current().cancel(job_id, user_id)
 
 
 def get_job(job_id: str, user_id: str | None = None) -> Job | None:

@@ -10,17 +10,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from dramatiq.common import compute_backoff
 from dramatiq.errors import Retry
 
+from actors.cancellation import CancelSignals, CancelWatch
 from actors.payloads import GenerateMessage, PreviewMessage
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
-from repositories.store import Job, JobKind, JobStore
+from repositories.store import Job, JobKind, JobStatus, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,10 @@ class JobRunner:
         lease_s: float = 30.0,
         generate_timeout_s: float = 900.0,
         preview_timeout_s: float = 60.0,
+        cancel_signals: CancelSignals | None = None,
     ) -> None:
         self.store = store
+        self.cancel_signals = cancel_signals
         self._provider_factory = provider_factory
         self._preview_provider_factory = preview_provider_factory or provider_factory
         self.preview_model = preview_model
@@ -129,10 +132,13 @@ class JobRunner:
             kind=JobKind.GENERATE,
             request=message.params.model_dump(exclude_none=True),
         )
-        job = self._claim(message.job_id, message.user_id, JobKind.GENERATE, delivery)
-        if job is None:
-            return
-        self._attempt(job, delivery, message.params, timeout_s=self.generate_timeout_s, on_done=self._generated)
+        with self._watching(message.job_id) as watch:
+            job = self._claim(message.job_id, message.user_id, JobKind.GENERATE, delivery)
+            if job is None:
+                return
+            self._attempt(
+                job, delivery, message.params, watch, timeout_s=self.generate_timeout_s, on_done=self._generated
+            )
 
     def run_preview(self, message: PreviewMessage, delivery: Delivery) -> None:
         """Run one delivery of a preview message: short content is kept as is, long content is summarised."""
@@ -143,10 +149,14 @@ class JobRunner:
             request={"title": message.title, "content": message.content},
         )
         needs_model = len(message.content) > PREVIEW_MAX_CHARS
-        job = self._claim(message.job_id, message.user_id, JobKind.PREVIEW, delivery, count_attempt=needs_model)
-        if job is None:
-            return
-        if not needs_model:
+        with self._watching(message.job_id) as watch:
+            job = self._claim(message.job_id, message.user_id, JobKind.PREVIEW, delivery, count_attempt=needs_model)
+            if job is None:
+                return
+            if needs_model:
+                request = self._preview_request(message)
+                self._attempt(job, delivery, request, watch, timeout_s=self.preview_timeout_s, on_done=self._previewed)
+                return
             self.store.complete(
                 job.job_id,
                 owner=delivery.message_id,
@@ -157,8 +167,9 @@ class JobRunner:
                 usage=None,
             )
             logger.info("preview kept as is", extra={"job_id": job.job_id, "user_id": job.user_id})
-            return
-        request = ChatRequest(
+
+    def _preview_request(self, message: PreviewMessage) -> ChatRequest:
+        return ChatRequest(
             model=self.preview_model,
             messages=[
                 ChatMessage(role="system", content=PREVIEW_PROMPT),
@@ -167,7 +178,18 @@ class JobRunner:
             temperature=0.3,
             max_tokens=100,
         )
-        self._attempt(job, delivery, request, timeout_s=self.preview_timeout_s, on_done=self._previewed)
+
+    @contextlib.contextmanager
+    def _watching(self, job_id: str) -> Iterator[CancelWatch | None]:
+        """Listen for the job's cancel signal from before the claim until the attempt ends."""
+        if self.cancel_signals is None:
+            yield None
+            return
+        watch = self.cancel_signals.watch(job_id)
+        try:
+            yield watch
+        finally:
+            self.cancel_signals.unwatch(watch)
 
     # -- claiming -------------------------------------------------------------------------------
 
@@ -200,6 +222,7 @@ class JobRunner:
         job: Job,
         delivery: Delivery,
         request: ChatRequest,
+        watch: CancelWatch | None,
         *,
         timeout_s: float,
         on_done: Callable[[Job, Delivery, AttemptResult, str], None],
@@ -209,7 +232,7 @@ class JobRunner:
         started = time.monotonic()
         logger.info("attempt %d started", job.attempts, extra=log_extra)
         try:
-            result = asyncio.run(self._stream(job, delivery, provider, request, timeout_s))
+            result = asyncio.run(self._stream(job, delivery, provider, request, watch, timeout_s))
         except Exception as error:
             outcome = self._attempt_failed(job, delivery, error, log_extra)
             if outcome is None:
@@ -231,9 +254,18 @@ class JobRunner:
         return self._preview_provider_factory() if kind is JobKind.PREVIEW else self._provider_factory()
 
     async def _stream(
-        self, job: Job, delivery: Delivery, provider: ChatProvider, request: ChatRequest, timeout_s: float
+        self,
+        job: Job,
+        delivery: Delivery,
+        provider: ChatProvider,
+        request: ChatRequest,
+        watch: CancelWatch | None,
+        timeout_s: float,
     ) -> AttemptResult:
-        """Read the stream while writing progress and the lease heartbeat every ``progress_interval_s``."""
+        """Read the stream while writing progress and the lease heartbeat every ``progress_interval_s``.
+
+        The stream stops when the cancel signal arrives, or when a heartbeat finds the job no longer ours.
+        """
         progress = _Progress()
 
         async def pump() -> Finished:
@@ -245,6 +277,7 @@ class JobRunner:
             raise StreamBroken("stream ended without a final event", provider=provider.name)
 
         task = asyncio.create_task(pump())
+        signal = asyncio.create_task(watch.wait()) if watch is not None else None
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -253,16 +286,32 @@ class JobRunner:
                     raise AttemptTimedOut(
                         f"attempt exceeded the {timeout_s:.0f}s wall-clock limit", provider=provider.name
                     )
-                done, _ = await asyncio.wait({task}, timeout=min(self.progress_interval_s, remaining))
-                if done:
+                waiting = {task} if signal is None else {task, signal}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=min(self.progress_interval_s, remaining), return_when=asyncio.FIRST_COMPLETED
+                )
+                if task in done:
                     return AttemptResult(text=progress.text, finished=task.result())
+                if signal is not None and signal in done:
+                    signal = None
+                    if self._is_cancelled(job.job_id):
+                        task.cancel()
+                        return AttemptResult(text=progress.text, cancelled=True)
+                    logger.warning(
+                        "cancel signal for a job that is not cancelled; ignored", extra={"job_id": job.job_id}
+                    )
                 if not self._flush(job, delivery, progress):
                     return AttemptResult(text=progress.text, cancelled=True)
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ProviderError):
-                    await task
+            for pending in (task, signal):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, ProviderError):
+                        await pending
+
+    def _is_cancelled(self, job_id: str) -> bool:
+        job = self.store.get(job_id)
+        return job is not None and job.status is JobStatus.CANCELLED
 
     def _flush(self, job: Job, delivery: Delivery, progress: _Progress) -> bool:
         """Write new text (if any) and the heartbeat; False once the job is no longer ours to run."""

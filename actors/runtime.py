@@ -6,16 +6,23 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from actors.cancellation import CancelSignals, cancel
 from actors.jobs import JobRunner
 from repositories.store import JobStore
 
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """The job store and the job runner of this process."""
+    """The job store, the job runner and the cancel signals of this process."""
 
     store: JobStore
     runner: JobRunner
+    cancel_signals: CancelSignals | None
+
+    def cancel(self, job_id: str, user_id: str) -> bool:
+        """Cancel the user's pending or processing job and signal the worker running it."""
+        publish = self.cancel_signals.publish if self.cancel_signals is not None else None
+        return cancel(self.store, job_id, user_id, publish=publish)
 
 
 @dataclass(frozen=True, slots=True)

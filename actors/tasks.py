@@ -10,7 +10,7 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ValidationError
 
-from actors import cancellation, runtime
+from actors import runtime
 from actors.jobs import Delivery, InvalidPayload, JobFailed
 from actors.payloads import (
     GenerateMessage,
@@ -86,7 +86,7 @@ def generate_preview(
 def cancel_llm_job(job_id: Any = None, user_id: Any = None, **unexpected: Any) -> None:
     """Cancel a pending or processing job of this user; finished jobs are left alone."""
     ref = _validated(JobRef, {"job_id": job_id, "user_id": user_id, **unexpected}, None)
-    cancellation.cancel(runtime.current().store, ref.job_id, ref.user_id)
+    runtime.current().cancel(ref.job_id, ref.user_id)
 
 
 @dramatiq.actor(queue_name="llm_control", max_retries=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
@@ -15,6 +16,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
+from actors.cancellation import CancelSignals
 from actors.jobs import JobRunner, RetryPolicy
 from actors.runtime import ActorOptions, Runtime
 from middleware.prefetch import QueuePrefetch
@@ -78,11 +80,12 @@ def actor_options(settings: Settings) -> ActorOptions:
 
 
 def build_runtime(settings: Settings) -> Runtime:
-    """The job store (migrated when ``AUTO_MIGRATE`` is on) and the job runner."""
+    """The job store (migrated when ``AUTO_MIGRATE`` is on), the job runner and the cancel signals."""
     engine = create_store_engine(settings.database_url)
     if settings.auto_migrate:
         upgrade_database(engine)
     store = JobStore(engine)
+    signals = CancelSignals(redis.Redis.from_url(settings.redis_url)) if settings.cancel_signals else None
     runner = JobRunner(
         store=store,
         provider_factory=lambda: build_provider(settings),
@@ -92,5 +95,6 @@ def build_runtime(settings: Settings) -> Runtime:
         lease_s=settings.job_lease_s,
         generate_timeout_s=settings.generate_timeout_s,
         preview_timeout_s=settings.preview_timeout_s,
+        cancel_signals=signals,
     )
-    return Runtime(store=store, runner=runner)
+    return Runtime(store=store, runner=runner, cancel_signals=signals)

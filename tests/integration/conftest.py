@@ -3,15 +3,9 @@ and a loopback server that speaks OpenRouter's wire protocol."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,98 +16,15 @@ from actors.wiring import actor_options, build_runtime
 from repositories.store import Job, JobStatus, JobStore
 from settings import Settings
 from tests.conftest import database_url_for
+from tests.harness import PROJECT_ROOT, READY_LINE, WorkerProcess, wait_until
 from tests.loopback.openrouter import OpenRouterServer
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-READY_LINE = "Worker process is ready for action."
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something truthy, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what or condition}")
-        time.sleep(interval)
+__all__ = ["PROJECT_ROOT", "READY_LINE", "Stack", "WorkerProcess", "params", "wait_until"]
 
 
 def params(key: str, **extra: Any) -> dict[str, Any]:
     """Generation params whose prompt routes the request to ``key``'s scripted replies on the loopback server."""
     return {"model": "test/model", "messages": [{"role": "user", "content": f"Say hello [[{key}]]"}], **extra}
-
-
-class WorkerProcess:
-    """One ``dramatiq actors`` command in its own process group, logging to a file."""
-
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, threads: int = 8, processes: int = 1) -> None:
-        self.env = dict(env)
-        self.log_path = log_path
-        self.threads = threads
-        self.processes = processes
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, *, timeout: float = 60.0) -> WorkerProcess:
-        """Start the worker and wait until every worker process reports ready."""
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dramatiq",
-                "actors",
-                "--processes",
-                str(self.processes),
-                "--threads",
-                str(self.threads),
-                "--worker-shutdown-timeout",
-                "10000",
-            ],
-            cwd=PROJECT_ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        wait_until(
-            lambda: self._ready_count() >= self.processes or self.process is None or self.process.poll() is not None,
-            timeout=timeout,
-            interval=0.1,
-            what="the worker to be ready",
-        )
-        if self.process.poll() is not None:
-            raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
-        return self
-
-    def _ready_count(self) -> int:
-        return self.log_path.read_bytes()[self._log_offset :].count(READY_LINE.encode())
-
-    def log(self) -> str:
-        """Everything the worker has printed so far."""
-        return self.log_path.read_bytes().decode("utf-8", "replace") if self.log_path.exists() else ""
-
-    def stop(self, *, timeout: float = 20.0) -> int | None:
-        """SIGTERM the process group and wait; SIGKILL whatever is left after ``timeout``."""
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def kill(self) -> None:
-        """SIGKILL every process of the worker at once, as a crashed machine would."""
-        if self.process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
 
 
 @dataclass

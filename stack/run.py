@@ -1,0 +1,263 @@
+"""``python -m stack run``: the broker, the migrated store, a worker and the scheduler, until Ctrl+C or SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from repositories.migrations import upgrade_database
+from repositories.store import create_store_engine
+from settings import ConfigurationError, ProviderName, Settings
+from stack.embedded_redis import EmbeddedValkey, redis_answers
+from stack.processes import ChildProcess, Console, describe_exit, stop_children
+
+logger = logging.getLogger(__name__)
+
+#: ``scheme://user:PASSWORD@`` and ``?password=PASSWORD`` in a database or Redis URL.
+_USERINFO_PASSWORD = re.compile(r"^(?P<before>[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:)[^/?#@]*(?=@)")
+_QUERY_PASSWORD = re.compile(r"(?<=[?&]password=)[^&#]*")
+
+SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+
+WORKER_PROCESSES = 1
+WORKER_THREADS = 8
+WORKER_READY_LINE = "Worker process is ready for action."
+SCHEDULER_READY_LINE = "next cleanup at"
+#: How long the children get to stop after SIGTERM before they are killed, in seconds.
+STOP_GRACE_S = 15.0
+#: Dramatiq's own limit for finishing running messages, in milliseconds: below ``STOP_GRACE_S`` so the
+#: worker gives up on a long generation by itself before it is killed.
+WORKER_SHUTDOWN_TIMEOUT_MS = 10_000
+#: After this many seconds without every child ready, say what is still awaited.
+READY_WARNING_S = 60.0
+#: How often the embedded Valkey server is checked for life, in seconds.
+BROKER_CHECK_INTERVAL_S = 2.0
+
+
+class ShutdownSignals:
+    """Counts SIGINT and SIGTERM instead of dying on them, so the stack can stop its children first."""
+
+    def __init__(self, signums: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        self.signums = tuple(signums)
+        self.received = 0
+        self.last: signal.Signals | None = None
+        self._previous: dict[signal.Signals, SignalHandler] = {}
+
+    @property
+    def requested(self) -> bool:
+        """True once any of the signals arrived."""
+        return self.received > 0
+
+    def install(self) -> None:
+        """Replace the handlers of the signals (main thread only)."""
+        for signum in self.signums:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """Put the previous handlers back."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        # Only plain assignments here: a handler that takes a lock (an Event, logging) can deadlock
+        # against the main thread it interrupts.
+        self.received += 1
+        self.last = signal.Signals(signum)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with any password (in the user info or a ``password`` query parameter) replaced by ``***``."""
+    url = _USERINFO_PASSWORD.sub(r"\g<before>***", url, count=1)
+    return _QUERY_PASSWORD.sub("***", url)
+
+
+def absolute_database_url(url: str, *, base: Path) -> str:
+    """A SQLite URL with a relative path made absolute against ``base``; any other URL unchanged.
+
+    Every process of the stack, and whoever sends a job from another directory, then opens the same file.
+    """
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return url
+    if Path(database).is_absolute():
+        return url
+    return parsed.set(database=str((base / database).resolve())).render_as_string(hide_password=False)
+
+
+def migrate(database_url: str) -> None:
+    """Bring the job store at ``database_url`` to the newest schema."""
+    engine = create_store_engine(database_url)
+    try:
+        upgrade_database(engine)
+    finally:
+        engine.dispose()
+    logger.info("job store %s is at the newest schema", redacted_url(database_url))
+
+
+def instructions(*, settings: Settings, redis_url: str, database_url: str, embedded: bool, project_root: Path) -> str:
+    """The banner printed once everything is ready: what runs where, and how to send a job."""
+    shown_redis, shown_database = redacted_url(redis_url), redacted_url(database_url)
+    broker_note = " (embedded Valkey, in memory: queued messages are gone when this stops)" if embedded else ""
+    lines = [
+        "=" * 100,
+        f"The stack is up: a worker ({WORKER_PROCESSES} process, {WORKER_THREADS} threads) and the scheduler "
+        f"(cleanup_old_jobs on {settings.cleanup_cron!r}, UTC).",
+        f"  broker  {shown_redis}{broker_note}",
+        f"  store   {shown_database}",
+        "",
+        "Send a job from another terminal:",
+        "",
+        f"  cd {shlex.quote(str(project_root))}",
+        f"  export REDIS_URL={shlex.quote(shown_redis)} DATABASE_URL={shlex.quote(shown_database)}",
+        f"  {shlex.quote(sys.executable)} - <<'EOF'",
+        "  import time",
+        "  from actors import enqueue_generation, get_job",
+        '  messages = [{"role": "user", "content": "Say hello"}]',
+        f'  job_id = enqueue_generation(user_id="u1", params={{"model": {json.dumps(settings.preview_model)}, '
+        '"messages": messages})',
+        '  while not (job := get_job(job_id, user_id="u1")).status.is_final:',
+        "      time.sleep(0.5)",
+        "  print(job.status, job.content or job.error)",
+        "  EOF",
+        "",
+    ]
+    if (shown_redis, shown_database) != (redis_url, database_url):
+        lines += ["Put your passwords where *** stands: they are never printed.", ""]
+    try:
+        settings.require_provider_key()
+    except ConfigurationError as missing:
+        lines += [
+            f"Note: {missing}. Until it is set (e.g. in .env), jobs end 'failed' with the provider's error;",
+            "issue 6 brings a local model so that `make run` works without any key.",
+        ]
+    else:
+        if settings.llm_provider is ProviderName.OPENROUTER:
+            endpoint = redacted_url(settings.openrouter_base_url)
+        else:
+            endpoint = redacted_url(settings.anthropic_base_url or "the SDK's default endpoint")
+        lines.append(f"Provider: {settings.llm_provider} ({endpoint}).")
+    lines += ["The worker's lines above show each job. Stop everything with Ctrl+C.", "=" * 100]
+    return "\n".join(lines)
+
+
+def _supervise(
+    children: Sequence[ChildProcess],
+    valkey: EmbeddedValkey | None,
+    signals: ShutdownSignals,
+    on_ready: Callable[[], None],
+) -> int:
+    """Wait for a shutdown signal (0) or for a child or the embedded broker to die (1)."""
+    started = time.monotonic()
+    next_broker_check = started + BROKER_CHECK_INTERVAL_S
+    announced = warned = False
+    while not signals.requested:
+        for child in children:
+            returncode = child.poll()
+            if returncode is not None:
+                logger.error("%s exited unexpectedly (%s): stopping the stack", child.name, describe_exit(returncode))
+                return 1
+        now = time.monotonic()
+        if valkey is not None and now >= next_broker_check:
+            next_broker_check = now + BROKER_CHECK_INTERVAL_S
+            if not valkey.is_running():
+                logger.error("the embedded Valkey server stopped unexpectedly: stopping the stack")
+                return 1
+        if not announced and all(child.ready.is_set() for child in children):
+            on_ready()
+            announced = True
+        elif not announced and not warned and now - started > READY_WARNING_S:
+            waiting = ", ".join(child.name for child in children if not child.ready.is_set())
+            logger.warning("still waiting for %s to report ready", waiting)
+            warned = True
+        # A sleep, not an Event: the signal handler must not take locks (see ShutdownSignals).
+        time.sleep(0.1)
+    logger.info("%s received: stopping the stack", signals.last.name if signals.last else "signal")
+    return 0
+
+
+def run_stack(settings: Settings, *, project_root: Path, console: Console) -> int:
+    """Run the stack until SIGINT or SIGTERM (returns 0) or until a part of it dies (returns 1).
+
+    Nothing is left running when this returns or raises: children are stopped, then the embedded broker.
+    """
+    signals = ShutdownSignals()
+    cleanup = contextlib.ExitStack()
+    try:
+        signals.install()
+        cleanup.callback(signals.restore)
+
+        redis_url, valkey = settings.redis_url, None
+        if redis_answers(redis_url):
+            logger.info("broker: the Redis answering at %s", redacted_url(redis_url))
+        else:
+            logger.info("no Redis answers at %s: starting an embedded Valkey server", redacted_url(redis_url))
+            valkey = EmbeddedValkey()
+            cleanup.callback(valkey.stop)
+            redis_url = valkey.start().url
+            logger.info("broker: embedded Valkey at %s", redis_url)
+
+        database_url = absolute_database_url(settings.database_url, base=Path.cwd())
+        migrate(database_url)
+        if signals.requested:
+            return 0
+
+        env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
+        worker_argv = [
+            sys.executable,
+            "-m",
+            "dramatiq",
+            "actors",
+            "--processes",
+            str(WORKER_PROCESSES),
+            "--threads",
+            str(WORKER_THREADS),
+            "--worker-shutdown-timeout",
+            str(WORKER_SHUTDOWN_TIMEOUT_MS),
+        ]
+        children = [
+            ChildProcess(
+                "worker", worker_argv, cwd=project_root, env=env, console=console, ready_marker=WORKER_READY_LINE
+            ),
+            ChildProcess(
+                "scheduler",
+                [sys.executable, "scheduler.py"],
+                cwd=project_root,
+                env=env,
+                console=console,
+                ready_marker=SCHEDULER_READY_LINE,
+            ),
+        ]
+
+        def stop_all() -> None:
+            signals_so_far = signals.received
+            stop_children(children, grace_s=STOP_GRACE_S, hurry=lambda: signals.received > signals_so_far)
+
+        cleanup.callback(stop_all)
+        for child in children:
+            child.start()
+
+        banner = instructions(
+            settings=settings,
+            redis_url=redis_url,
+            database_url=database_url,
+            embedded=valkey is not None,
+            project_root=project_root,
+        )
+        return _supervise(children, valkey, signals, lambda: console.block(banner))
+    finally:
+        cleanup.close()

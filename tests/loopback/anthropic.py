@@ -1,0 +1,706 @@
+"""Scriptable loopback HTTP server that imitates the Anthropic Messages API (``POST /v1/messages``).
+
+The twin of `tests.loopback.openrouter`: same design and names, and it reuses that module's socket
+plumbing (client-close detection, stall, drop, server stop). The server runs in a background thread of
+the test process; the ``anthropic`` SDK and the Claude Code CLI talk real HTTP to it. Every request to
+``POST /v1/messages`` (any query string, e.g. ``?beta=true``) consumes one scripted `Reply` and is
+recorded as a `RecordedRequest` (path with query, headers, body, arrival and close times, chunks sent).
+
+Streaming answers are SSE with ``event:`` lines: ``message_start``, ``content_block_start``,
+``content_block_delta`` (``text_delta``) per chunk, ``content_block_stop``, ``message_delta``,
+``message_stop``, with ``ping`` events between them. ``"stream": false`` gets one JSON ``Message``.
+
+Example::
+
+    with AnthropicServer() as server:
+        server.script(Reply.error(529), Reply.ok("Hi", " there"))
+        server.script_for("job-42", Reply.ok("a", "b", stall_after_chunks=1))
+        ...  # point the code under test at server.base_url
+        request = server.wait_for_requests(1, key="job-42")[0]
+        assert server.wait_for_close(request, timeout=1.0).closed_by_client
+
+Manual use (serves the default reply until interrupted)::
+
+    python -m tests.loopback.anthropic --port 8090
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Literal, cast
+
+from tests.loopback.openrouter import (
+    OpenRouterServer,
+    _ClientGoneError,
+    _dumps,
+    _Handler,
+    _HTTPServer,
+    _parse_json_object,
+    _ServerStoppingError,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ERROR_TYPE_FOR_STATUS",
+    "AnthropicServer",
+    "RecordedRequest",
+    "Reply",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "claude-loopback"
+"""Model reported in answers when neither the reply nor the request names one."""
+
+ERROR_TYPE_FOR_STATUS: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+"""The ``error.type`` Anthropic sends with each HTTP status (``api_error`` for any other status)."""
+
+_STATUS_FOR_ERROR_TYPE = {error_type: status for status, error_type in ERROR_TYPE_FOR_STATUS.items()}
+_STOP_JOIN_TIMEOUT_S = 5.0
+
+_Failure = Literal["error", "drop", "stall"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public data types
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer to one request: a success stream, an error status, or a stream that fails midway.
+
+    When several of ``error_after_chunks`` / ``drop_after_chunks`` / ``stall_after_chunks`` are set, the
+    one with the smallest count fires (ties: error, then drop, then stall); counts above ``len(chunks)``
+    fire after the last text chunk. A stream always opens with ``message_start`` and
+    ``content_block_start`` before any failure fires.
+    """
+
+    # success stream
+    chunks: Sequence[str] = ("Hello", ", ", "world")
+    chunk_delay_s: float = 0.0
+    first_chunk_delay_s: float = 0.0
+    pings: bool = True
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    stop_reason: str = "end_turn"
+    model: str | None = None
+    # failures
+    status: int = 200
+    retry_after: str | None = None
+    error_type: str | None = None
+    error_message: str = "scripted error"
+    error_after_chunks: int | None = None
+    drop_after_chunks: int | None = None
+    drop_with_reset: bool = False
+    stall_after_chunks: int | None = None
+    # delay before the status line (slow provider / header timeout), for any status
+    headers_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Normalise ``chunks`` to a tuple (a bare string becomes one chunk) and validate the numbers."""
+        chunks = (self.chunks,) if isinstance(self.chunks, str) else tuple(self.chunks)
+        object.__setattr__(self, "chunks", chunks)
+        if not 100 <= self.status <= 599:
+            raise ValueError(f"status must be an HTTP status code, got {self.status}")
+        for name in ("chunk_delay_s", "first_chunk_delay_s", "headers_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("error_after_chunks", "drop_after_chunks", "stall_after_chunks", "input_tokens", "output_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None")
+
+    @classmethod
+    def ok(cls, *chunks: str, **kw: Any) -> Reply:
+        """A success stream of the given text pieces (the default pieces when none are given)."""
+        if chunks:
+            kw["chunks"] = chunks
+        return cls(**kw)
+
+    @classmethod
+    def error(
+        cls,
+        status: int,
+        retry_after: str | int | None = None,
+        message: str = "scripted error",
+        **kw: Any,
+    ) -> Reply:
+        """An error answered before any stream: HTTP ``status`` with an Anthropic JSON error body."""
+        if status == 200:
+            raise ValueError("Reply.error needs a non-200 status; use error_after_chunks for mid-stream errors")
+        return cls(
+            status=status,
+            retry_after=None if retry_after is None else str(retry_after),
+            error_message=message,
+            **kw,
+        )
+
+    @classmethod
+    def stream_error(cls, error_type: str = "overloaded_error", *chunks: str, after: int = 0, **kw: Any) -> Reply:
+        """A stream that sends ``after`` text chunks, then ``event: error`` of ``error_type``, then closes."""
+        if chunks:
+            kw["chunks"] = chunks
+        return cls(error_type=error_type, error_after_chunks=after, **kw)
+
+    @property
+    def is_error(self) -> bool:
+        """True when this reply is answered with a non-200 status before any stream."""
+        return self.status != 200
+
+    @property
+    def effective_error_type(self) -> str:
+        """The ``error.type`` sent: ``error_type`` when set, else the one Anthropic uses for ``status``."""
+        if self.error_type is not None:
+            return self.error_type
+        if self.is_error:
+            return ERROR_TYPE_FOR_STATUS.get(self.status, "api_error")
+        return "overloaded_error"
+
+
+@dataclass
+class RecordedRequest:
+    """What the server saw of one Messages request, and how its connection ended."""
+
+    index: int
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    received_at: float
+    closed_at: float | None = None
+    closed_by_client: bool = False
+    chunks_sent: int = 0
+    reply: Reply | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """True when the request asked for an SSE stream (``"stream": true``)."""
+        return self.body.get("stream") is True
+
+    @property
+    def text(self) -> str:
+        """All text of the request: the system prompt and every message, joined by newlines."""
+        return _request_text(self.body)
+
+    def matches(self, key: str) -> bool:
+        """True when this request is routed to ``key``: ``[[key]]`` appears in its system prompt or messages."""
+        return f"[[{key}]]" in self.text
+
+
+# --------------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------------
+
+
+class AnthropicServer:
+    """Loopback imitation of the Anthropic Messages API serving scripted replies from a background thread."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Configure the address; nothing is bound until `start`."""
+        self._host = host
+        self._port = port
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._fifo: deque[Reply] = deque()
+        self._keyed: dict[str, deque[Reply]] = {}
+        self._records: list[RecordedRequest] = []
+        self._default = Reply()
+        self._active: dict[socket.socket, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._httpd: _AnthropicHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> AnthropicServer:
+        """Bind the socket, start the serve thread and return self."""
+        if self._httpd is not None:
+            raise RuntimeError("AnthropicServer is already running")
+        self._stopping.clear()
+        httpd = _AnthropicHTTPServer((self._host, self._port), self)
+        thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"anthropic-loopback-{httpd.server_address[1]}",
+            daemon=True,
+        )
+        self._httpd, self._thread = httpd, thread
+        thread.start()
+        logger.info("Anthropic loopback server listening at %s", self.base_url)
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, close every open (also stalled) connection and join the server threads."""
+        httpd, thread = self._httpd, self._thread
+        if httpd is None or thread is None:
+            return
+        self._stopping.set()
+        httpd.shutdown()
+        with self._lock:
+            active = list(self._active.items())
+        for conn, _ in active:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + _STOP_JOIN_TIMEOUT_S
+        for _, handler_thread in active:
+            handler_thread.join(max(0.0, deadline - time.monotonic()))
+            if handler_thread.is_alive():
+                logger.warning("handler thread %s did not finish within %ss", handler_thread.name, _STOP_JOIN_TIMEOUT_S)
+        httpd.server_close()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        self._httpd = self._thread = None
+        logger.debug("Anthropic loopback server stopped")
+
+    def __enter__(self) -> AnthropicServer:
+        """Start the server."""
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server."""
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        """Base URL for the SDK and the CLI, e.g. ``http://127.0.0.1:PORT`` (they append ``/v1/messages``)."""
+        if self._httpd is None:
+            raise RuntimeError("AnthropicServer is not running; call start() first")
+        host, port = self._httpd.server_address[:2]
+        host_str = host.decode() if isinstance(host, bytes) else str(host)
+        return f"http://{host_str}:{port}"
+
+    # scripting ------------------------------------------------------------------------------------
+
+    def script(self, *replies: Reply) -> None:
+        """Queue replies on the global FIFO, consumed one per request in arrival order."""
+        with self._lock:
+            self._fifo.extend(replies)
+
+    def script_for(self, key: str, *replies: Reply) -> None:
+        """Queue replies for requests routed to ``key``; they are used before the global FIFO.
+
+        Routed means: ``[[key]]`` appears anywhere in the system prompt or the messages' text.
+        """
+        with self._lock:
+            self._keyed.setdefault(key, deque()).extend(replies)
+
+    @property
+    def default(self) -> Reply:
+        """Reply used when no script matches (initially ``Reply()``)."""
+        with self._lock:
+            return self._default
+
+    @default.setter
+    def default(self, reply: Reply) -> None:
+        with self._lock:
+            self._default = reply
+
+    def reset(self) -> None:
+        """Forget all scripts and recorded requests (the default reply is kept)."""
+        with self._lock:
+            self._fifo.clear()
+            self._keyed.clear()
+            self._records = []
+            self._cond.notify_all()
+
+    # inspection -----------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Snapshot copies of all recorded requests, in arrival order."""
+        with self._lock:
+            return [_copy(r) for r in self._records]
+
+    def requests_for(self, key: str) -> list[RecordedRequest]:
+        """Snapshot copies of the recorded requests routed to ``key`` (see `RecordedRequest.matches`)."""
+        with self._lock:
+            return [_copy(r) for r in self._records if r.matches(key)]
+
+    def wait_for_requests(self, n: int, *, timeout: float = 10.0, key: str | None = None) -> list[RecordedRequest]:
+        """Block until at least ``n`` requests (matching ``key`` if given) arrived; return them all.
+
+        Raises `TimeoutError` if they do not arrive within ``timeout`` seconds.
+        """
+
+        def matching() -> list[RecordedRequest]:
+            return [r for r in self._records if key is None or r.matches(key)]
+
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(matching()) >= n, timeout=timeout):
+                got = matching()
+                what = "requests" if key is None else f"requests for key {key!r}"
+                raise TimeoutError(
+                    f"expected at least {n} {what} within {timeout}s, got {len(got)} "
+                    f"(all requests so far: {[(r.index, r.path) for r in self._records]})"
+                )
+            return [_copy(r) for r in matching()]
+
+    def wait_for_close(self, request: RecordedRequest | int, *, timeout: float = 10.0) -> RecordedRequest:
+        """Block until the connection of ``request`` (a record or its index) ended; return the updated record.
+
+        Raises `TimeoutError` if it is still open after ``timeout`` seconds.
+        """
+        index = request.index if isinstance(request, RecordedRequest) else request
+
+        def closed() -> bool:
+            return index < len(self._records) and self._records[index].closed_at is not None
+
+        with self._cond:
+            if not self._cond.wait_for(closed, timeout=timeout):
+                state = (
+                    "has not arrived"
+                    if index >= len(self._records)
+                    else f"is still open after {self._records[index].chunks_sent} chunks"
+                )
+                raise TimeoutError(f"request #{index} {state} (waited {timeout}s)")
+            return _copy(self._records[index])
+
+    # called from handler threads ------------------------------------------------------------------
+
+    def _register(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._active[conn] = threading.current_thread()
+
+    def _unregister(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._active.pop(conn, None)
+
+    def _record(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> RecordedRequest:
+        with self._cond:
+            record = RecordedRequest(
+                index=len(self._records), path=path, headers=headers, body=body, received_at=time.time()
+            )
+            record.reply = self._pick_reply(record)
+            self._records.append(record)
+            self._cond.notify_all()
+            return record
+
+    def _pick_reply(self, record: RecordedRequest) -> Reply:
+        # Lock held by the caller.
+        text = record.text
+        if text:
+            for key, queue in self._keyed.items():
+                if queue and f"[[{key}]]" in text:
+                    return queue.popleft()
+        if self._fifo:
+            return self._fifo.popleft()
+        return self._default
+
+    def _chunk_sent(self, record: RecordedRequest) -> None:
+        with self._cond:
+            record.chunks_sent += 1
+            self._cond.notify_all()
+
+    def _mark_closed(self, record: RecordedRequest, *, by_client: bool) -> None:
+        with self._cond:
+            if record.closed_at is None:
+                record.closed_at = time.time()
+                record.closed_by_client = by_client
+            self._cond.notify_all()
+
+
+# --------------------------------------------------------------------------------------------------
+# HTTP plumbing (socket handling inherited from the OpenRouter loopback server)
+# --------------------------------------------------------------------------------------------------
+
+
+class _AnthropicHTTPServer(_HTTPServer):
+    def __init__(self, address: tuple[str, int], owner: AnthropicServer) -> None:
+        self.anthropic = owner
+        # The inherited handler plumbing only touches the owner's lifecycle members (``_stopping``,
+        # ``_register``, ``_unregister``), which AnthropicServer provides under the same names.
+        self.owner = cast(OpenRouterServer, owner)
+        ThreadingHTTPServer.__init__(self, address, _AnthropicHandler)
+
+
+class _AnthropicHandler(_Handler):
+    server_version = "AnthropicLoopback/1.0"
+
+    @property
+    def _server(self) -> AnthropicServer:
+        return cast(_AnthropicHTTPServer, self.server).anthropic
+
+    # routes ---------------------------------------------------------------------------------------
+
+    def do_POST(self) -> None:
+        self.close_connection = True
+        route = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            raw = self._read_body()
+        except (OSError, ValueError):
+            logger.debug("could not read the request body of POST %s", self.path, exc_info=True)
+            self._close(graceful=False)
+            return
+        if route != "/v1/messages":
+            self._not_found(route)
+            return
+        record = self._server._record(self.path, self._header_dict(), _parse_json_object(raw))
+        reply = record.reply or Reply()
+        outcome: Literal["done", "dropped", "client", "stopping", "failed"]
+        try:
+            self._pause(reply.headers_delay_s)
+            if reply.is_error:
+                self._send_error_body(reply.status, reply.error_message, reply.retry_after, reply.effective_error_type)
+                outcome = "done"
+            elif record.streaming:
+                outcome = self._stream_message(record, reply)
+            else:
+                outcome = self._whole_message(record, reply)
+        except _ClientGoneError:
+            outcome = "client"
+        except _ServerStoppingError:
+            outcome = "stopping"
+        except OSError as exc:
+            outcome = "stopping" if self._server._stopping.is_set() else "client"
+            logger.debug("write to request #%d failed: %r", record.index, exc)
+        except Exception:
+            logger.exception("loopback handler failed on request #%d", record.index)
+            outcome = "failed"
+        # Record the close before closing, so a client that has seen EOF also sees ``closed_at`` set.
+        self._server._mark_closed(record, by_client=outcome == "client")
+        if outcome != "dropped":
+            self._close(graceful=outcome == "done")
+        logger.debug("request #%d ended: %s after %d chunks", record.index, outcome, record.chunks_sent)
+
+    # responses ------------------------------------------------------------------------------------
+
+    def _send_error_body(
+        self, status: int, message: str, retry_after: str | None, error_type: str | None = None
+    ) -> None:
+        kind = error_type or ERROR_TYPE_FOR_STATUS.get(status, "api_error")
+        payload = _dumps({"type": "error", "error": {"type": kind, "message": message}})
+        self._check_stopping()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("request-id", _request_id())
+        if retry_after is not None:
+            self.send_header("retry-after", retry_after)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self._write(payload)
+
+    def _whole_message(self, record: RecordedRequest, reply: Reply) -> Literal["done", "dropped"]:
+        """Answer ``"stream": false`` with one JSON Message; mid-stream failures become their non-stream forms."""
+        event = _first_failure(reply)
+        if event is not None:
+            kind = event[1]
+            if kind == "error":
+                error_type = reply.effective_error_type
+                status = _STATUS_FOR_ERROR_TYPE.get(error_type, 500)
+                self._send_error_body(status, reply.error_message, reply.retry_after, error_type)
+                return "done"
+            self._pause(reply.first_chunk_delay_s)
+            return self._fail_stream(kind, record, reply)
+        self._pause(reply.first_chunk_delay_s + reply.chunk_delay_s * max(0, len(reply.chunks) - 1))
+        message = {
+            **self._message_base(record, reply),
+            "content": [{"type": "text", "text": "".join(reply.chunks)}],
+            "stop_reason": reply.stop_reason,
+            "stop_sequence": None,
+            "usage": {"input_tokens": _input_tokens(record, reply), "output_tokens": _output_tokens(reply)},
+        }
+        payload = _dumps(message)
+        self._check_stopping()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("request-id", _request_id())
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self._write(payload)
+        for _ in reply.chunks:
+            self._server._chunk_sent(record)
+        return "done"
+
+    def _stream_message(self, record: RecordedRequest, reply: Reply) -> Literal["done", "dropped"]:
+        self._check_stopping()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("request-id", _request_id())
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+        start = {
+            **self._message_base(record, reply),
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": _input_tokens(record, reply), "output_tokens": 1},
+        }
+        self._write_event("message_start", {"type": "message_start", "message": start})
+        self._write_event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        )
+        if reply.pings:
+            self._write_ping()
+        self._pause(reply.first_chunk_delay_s)
+
+        chunks = list(reply.chunks)
+        event = _first_failure(reply)
+        for i, piece in enumerate(chunks):
+            if i > 0:
+                self._between_deltas(reply)
+            if event is not None and event[0] == i:
+                return self._fail_stream(event[1], record, reply)
+            delta = {"type": "text_delta", "text": piece}
+            self._write_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
+            self._server._chunk_sent(record)
+        if event is not None:
+            if chunks:
+                self._between_deltas(reply)
+            return self._fail_stream(event[1], record, reply)
+
+        self._write_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        self._write_event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": reply.stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": _output_tokens(reply)},
+            },
+        )
+        self._write_event("message_stop", {"type": "message_stop"})
+        return "done"
+
+    def _message_base(self, record: RecordedRequest, reply: Reply) -> dict[str, Any]:
+        requested_model = record.body.get("model")
+        model = reply.model or (requested_model if isinstance(requested_model, str) else DEFAULT_MODEL)
+        return {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant", "model": model}
+
+    def _fail_stream(self, kind: _Failure, record: RecordedRequest, reply: Reply) -> Literal["done", "dropped"]:
+        if kind == "stall":
+            logger.debug("request #%d stalls after %d chunks", record.index, record.chunks_sent)
+            self._stall()
+        if kind == "error":
+            error = {"type": reply.effective_error_type, "message": reply.error_message}
+            self._write_event("error", {"type": "error", "error": error})
+            return "done"
+        self._server._mark_closed(record, by_client=False)
+        self._drop(reset=reply.drop_with_reset)
+        return "dropped"
+
+    def _between_deltas(self, reply: Reply) -> None:
+        if reply.pings:
+            self._write_ping()
+        self._pause(reply.chunk_delay_s)
+
+    def _write_event(self, name: str, data: dict[str, Any]) -> None:
+        self._write(b"event: " + name.encode() + b"\ndata: " + _dumps(data) + b"\n\n")
+
+    def _write_ping(self) -> None:
+        self._write_event("ping", {"type": "ping"})
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _first_failure(reply: Reply) -> tuple[int, _Failure] | None:
+    n = len(reply.chunks)
+    triggers: list[tuple[int | None, _Failure]] = [
+        (reply.error_after_chunks, "error"),
+        (reply.drop_after_chunks, "drop"),
+        (reply.stall_after_chunks, "stall"),
+    ]
+    candidates = [
+        (min(after, n), priority, kind) for priority, (after, kind) in enumerate(triggers) if after is not None
+    ]
+    if not candidates:
+        return None
+    position, _, kind = min(candidates)
+    return position, kind
+
+
+def _content_text(content: Any) -> str:
+    """Text of a ``content``/``system`` value: a string, or a list of blocks of which the text ones count."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            block["text"] for block in content if isinstance(block, dict) and isinstance(block.get("text"), str)
+        )
+    return ""
+
+
+def _request_text(body: dict[str, Any]) -> str:
+    parts = [_content_text(body.get("system"))]
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts.extend(_content_text(message.get("content")) for message in messages if isinstance(message, dict))
+    return "\n".join(part for part in parts if part)
+
+
+def _input_tokens(record: RecordedRequest, reply: Reply) -> int:
+    if reply.input_tokens is not None:
+        return reply.input_tokens
+    return max(1, len(record.text) // 4)
+
+
+def _output_tokens(reply: Reply) -> int:
+    return reply.output_tokens if reply.output_tokens is not None else len(reply.chunks)
+
+
+def _request_id() -> str:
+    return f"req_loopback_{uuid.uuid4().hex[:20]}"
+
+
+def _copy(record: RecordedRequest) -> RecordedRequest:
+    return dataclasses.replace(record, headers=dict(record.headers), body=dict(record.body))
+
+
+# --------------------------------------------------------------------------------------------------
+# Manual use
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the default reply until interrupted (``python -m tests.loopback.anthropic --port 8090``)."""
+    parser = argparse.ArgumentParser(description="Loopback Anthropic Messages API server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = AnthropicServer(host=args.host, port=args.port).start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -227,8 +227,16 @@ class JobRunner:
         timeout_s: float,
         on_done: Callable[[Job, Delivery, AttemptResult, str], None],
     ) -> None:
-        provider = self._provider_for(job.kind)
-        log_extra = {"job_id": job.job_id, "user_id": job.user_id, "provider": provider.name, "attempt": job.attempts}
+        log_extra: dict[str, Any] = {"job_id": job.job_id, "user_id": job.user_id, "attempt": job.attempts}
+        try:
+            provider = self._provider_for(job.kind)
+        except Exception as exc:
+            # A provider that cannot be built (missing key, bad setting) fails the same way on every attempt.
+            error = f"provider not configured: {exc}"
+            self.store.fail(job.job_id, error=error, owner=delivery.message_id)
+            logger.error("job failed: %s", error, extra=log_extra)
+            raise JobFailed(error) from None
+        log_extra["provider"] = provider.name
         started = time.monotonic()
         logger.info("attempt %d started", job.attempts, extra=log_extra)
         try:

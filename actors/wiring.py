@@ -20,6 +20,7 @@ from actors.cancellation import CancelSignals
 from actors.jobs import JobRunner, RetryPolicy
 from actors.runtime import ActorOptions, Runtime
 from middleware.prefetch import QueuePrefetch
+from middleware.startup import ConfigurationCheck
 from repositories.chat import ChatProvider
 from repositories.migrations import upgrade_database
 from repositories.openrouter import OpenRouterProvider
@@ -49,6 +50,7 @@ def build_broker(settings: Settings) -> RedisBroker:
         ),
         CurrentMessage(),
         QueuePrefetch(per_thread=1),
+        ConfigurationCheck(check=settings.require_provider_key),
     ]
     return RedisBroker(  # type: ignore[no-untyped-call]
         url=settings.redis_url,
@@ -59,7 +61,8 @@ def build_broker(settings: Settings) -> RedisBroker:
 
 
 def build_provider(settings: Settings) -> ChatProvider:
-    """The provider chosen by ``LLM_PROVIDER``."""
+    """The provider chosen by ``LLM_PROVIDER``; ``ConfigurationError`` when its key is missing."""
+    settings.require_provider_key()
     if settings.llm_provider is ProviderName.OPENROUTER:
         key = settings.openrouter_api_key.get_secret_value() if settings.openrouter_api_key else None
         return OpenRouterProvider(
@@ -67,24 +70,39 @@ def build_provider(settings: Settings) -> ChatProvider:
             api_key=key,
             read_timeout_s=settings.provider_read_timeout_s,
         )
-    if settings.anthropic_api_key is None:
-        raise ConfigurationError(f"ANTHROPIC_API_KEY is required when LLM_PROVIDER={settings.llm_provider}")
-    anthropic_key = settings.anthropic_api_key.get_secret_value()
     if settings.llm_provider is ProviderName.ANTHROPIC:
-        from repositories.anthropic import AnthropicProvider  # about 1 s to import: only its workers pay
-
-        return AnthropicProvider(
-            api_key=anthropic_key,
-            base_url=settings.anthropic_base_url,
-            read_timeout_s=settings.provider_read_timeout_s,
-        )
+        return build_anthropic_provider(settings)
     from repositories.claude_agent import ClaudeAgentProvider
 
     return ClaudeAgentProvider(
-        api_key=anthropic_key,
+        api_key=_anthropic_key(settings),
         base_url=settings.anthropic_base_url,
         wall_clock_limit_s=settings.generate_timeout_s,
     )
+
+
+def _anthropic_key(settings: Settings) -> str:
+    if settings.anthropic_api_key is None:
+        raise ConfigurationError(f"ANTHROPIC_API_KEY is required when LLM_PROVIDER={settings.llm_provider}")
+    return settings.anthropic_api_key.get_secret_value()
+
+
+def build_anthropic_provider(settings: Settings) -> ChatProvider:
+    """The Anthropic Messages API provider."""
+    from repositories.anthropic import AnthropicProvider  # about 1 s to import: only its workers pay
+
+    return AnthropicProvider(
+        api_key=_anthropic_key(settings),
+        base_url=settings.anthropic_base_url,
+        read_timeout_s=settings.provider_read_timeout_s,
+    )
+
+
+def build_preview_provider(settings: Settings) -> ChatProvider:
+    """Previews are one fast direct call: with the agent SDK configured they use the Anthropic API itself."""
+    if settings.llm_provider is ProviderName.CLAUDE_AGENT_SDK:
+        return build_anthropic_provider(settings)
+    return build_provider(settings)
 
 
 def actor_options(settings: Settings) -> ActorOptions:
@@ -106,6 +124,7 @@ def build_runtime(settings: Settings) -> Runtime:
     runner = JobRunner(
         store=store,
         provider_factory=lambda: build_provider(settings),
+        preview_provider_factory=lambda: build_preview_provider(settings),
         preview_model=settings.preview_model,
         retry_policy=RetryPolicy(settings.retry_min_backoff_ms, settings.retry_max_backoff_ms),
         progress_interval_s=settings.progress_interval_ms / 1000,

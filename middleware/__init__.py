@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from middleware.prefetch import QueuePrefetch
+from middleware.startup import ConfigurationCheck
 
-__all__ = ["QueuePrefetch"]
+__all__ = ["ConfigurationCheck", "QueuePrefetch"]

@@ -21,6 +21,14 @@ class ProviderName(StrEnum):
     CLAUDE_AGENT_SDK = "claude-agent-sdk"
 
 
+class UserLimitKind(StrEnum):
+    """The limiter applied per user and actor (``USER_LIMIT_KIND``)."""
+
+    CONCURRENT = "concurrent"
+    WINDOW = "window"
+    BUCKET = "bucket"
+
+
 class ConfigurationError(ValueError):
     """A setting is missing or invalid; the message names the variable and never its value."""
 
@@ -46,6 +54,12 @@ class Settings(BaseSettings):
 
     generate_user_concurrency: PositiveInt = 5
     preview_user_concurrency: PositiveInt = 10
+    user_limit_kind: UserLimitKind = UserLimitKind.CONCURRENT
+    """How ``*_USER_CONCURRENCY`` is applied: jobs running at once, or starts per ``USER_LIMIT_PERIOD_S``."""
+    user_limit_period_s: PositiveInt = 60
+    """The window (``window``) or bucket (``bucket``) length of a start-rate limit, in seconds."""
+    throttle_lease_s: Annotated[int, Field(ge=2)] = 30
+    """A throttle slot outlives its last renewal this long: a killed worker's slots return within it, in seconds."""
 
     job_retention_days: PositiveInt = 7
     cleanup_cron: str = "0 2 * * *"

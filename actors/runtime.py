@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from actors.cancellation import CancelSignals, cancel
 from actors.jobs import JobRunner
+from middleware.limiters import ConcurrencyLimit, UserLimit
 from repositories.store import JobStore
 
 
@@ -32,6 +33,8 @@ class ActorOptions:
     generate_time_limit_ms: int = 960_000
     preview_time_limit_ms: int = 120_000
     retention_days: int = 7
+    generate_user_limit: UserLimit = field(default_factory=lambda: ConcurrencyLimit(5))
+    preview_user_limit: UserLimit = field(default_factory=lambda: ConcurrencyLimit(10))
 
 
 _lock = threading.Lock()

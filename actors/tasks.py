@@ -59,6 +59,7 @@ def _validated(model: type[Payload], payload: dict[str, Any], kind: JobKind | No
     max_retries=GENERATE_MAX_RETRIES,
     throws=_NOT_RETRIED,
     time_limit=runtime.options().generate_time_limit_ms,
+    user_limit=runtime.options().generate_user_limit,
 )
 def generate_llm_response(job_id: Any = None, user_id: Any = None, params: Any = None, **unexpected: Any) -> None:
     """Create the job row if missing, stream the answer from the provider, and store it."""
@@ -72,6 +73,7 @@ def generate_llm_response(job_id: Any = None, user_id: Any = None, params: Any =
     max_retries=PREVIEW_MAX_RETRIES,
     throws=_NOT_RETRIED,
     time_limit=runtime.options().preview_time_limit_ms,
+    user_limit=runtime.options().preview_user_limit,
 )
 def generate_preview(
     job_id: Any = None, user_id: Any = None, title: Any = None, content: Any = None, **unexpected: Any

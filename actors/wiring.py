@@ -15,17 +15,20 @@ from dramatiq.middleware import (
     ShutdownNotifications,
     TimeLimit,
 )
+from dramatiq.rate_limits.backends import RedisBackend as RateLimitRedisBackend
 
 from actors.cancellation import CancelSignals
 from actors.jobs import JobRunner, RetryPolicy
 from actors.runtime import ActorOptions, Runtime
-from middleware.prefetch import QueuePrefetch
+from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
 from middleware.startup import ConfigurationCheck
+from middleware.throttle import UserThrottle
+from middleware.worker_tuning import WorkerTuning
 from repositories.chat import ChatProvider
 from repositories.migrations import upgrade_database
 from repositories.openrouter import OpenRouterProvider
 from repositories.store import JobStore, create_store_engine
-from settings import ConfigurationError, ProviderName, Settings
+from settings import ConfigurationError, ProviderName, Settings, UserLimitKind
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,14 @@ MAINTENANCE_CHANCE = 100_000
 
 def build_broker(settings: Settings) -> RedisBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages."""
+    client = redis.Redis.from_url(settings.redis_url)
     middleware = [
+        # First, so that whatever skips a message later still finds its throttle slot released.
+        UserThrottle(
+            leases=RedisLeaseStore(client),
+            gate=StartRateGate(RateLimitRedisBackend(client=client)),
+            lease_ms=settings.throttle_lease_s * 1000,
+        ),
         AgeLimit(),
         TimeLimit(time_limit=(settings.generate_timeout_s + 60) * 1000),
         ShutdownNotifications(),
@@ -49,7 +59,7 @@ def build_broker(settings: Settings) -> RedisBroker:
             max_backoff=settings.retry_max_backoff_ms,
         ),
         CurrentMessage(),
-        QueuePrefetch(per_thread=1),
+        WorkerTuning(prefetch_per_thread=1, poll_interval_ms=100),
         ConfigurationCheck(check=settings.require_provider_key),
     ]
     return RedisBroker(  # type: ignore[no-untyped-call]
@@ -105,12 +115,23 @@ def build_preview_provider(settings: Settings) -> ChatProvider:
     return build_provider(settings)
 
 
+def user_limit(settings: Settings, limit: int) -> UserLimit:
+    """The per-user limit of ``USER_LIMIT_KIND`` with ``limit`` jobs (running at once, or starts per period)."""
+    if settings.user_limit_kind is UserLimitKind.WINDOW:
+        return WindowLimit(limit, settings.user_limit_period_s)
+    if settings.user_limit_kind is UserLimitKind.BUCKET:
+        return BucketLimit(limit, settings.user_limit_period_s * 1000)
+    return ConcurrencyLimit(limit)
+
+
 def actor_options(settings: Settings) -> ActorOptions:
-    """Time limits a minute above the attempt limits (the runner stops first), and the retention."""
+    """Time limits a minute above the attempt limits (the runner stops first), retention and user limits."""
     return ActorOptions(
         generate_time_limit_ms=(settings.generate_timeout_s + 60) * 1000,
         preview_time_limit_ms=(settings.preview_timeout_s + 60) * 1000,
         retention_days=settings.job_retention_days,
+        generate_user_limit=user_limit(settings, settings.generate_user_concurrency),
+        preview_user_limit=user_limit(settings, settings.preview_user_concurrency),
     )
 
 

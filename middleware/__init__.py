@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
-from middleware.prefetch import QueuePrefetch
+from middleware.limiters import (
+    BucketLimit,
+    ConcurrencyLimit,
+    MemoryLeaseStore,
+    RedisLeaseStore,
+    StartRateGate,
+    UserLimit,
+    UserLoad,
+    WindowLimit,
+)
 from middleware.startup import ConfigurationCheck
+from middleware.throttle import UserThrottle
+from middleware.worker_tuning import WorkerTuning
 
-__all__ = ["ConfigurationCheck", "QueuePrefetch"]
+__all__ = [
+    "BucketLimit",
+    "ConcurrencyLimit",
+    "ConfigurationCheck",
+    "MemoryLeaseStore",
+    "RedisLeaseStore",
+    "StartRateGate",
+    "UserLimit",
+    "UserLoad",
+    "UserThrottle",
+    "WindowLimit",
+    "WorkerTuning",
+]

@@ -3,6 +3,7 @@ and a loopback server that speaks OpenRouter's wire protocol."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,6 +63,20 @@ class Stack:
 
         wait_until(handled, timeout=timeout, interval=0.05, what=f"the messages of {job_id} to be handled")
 
+    @contextlib.contextmanager
+    def other_workers(self, count: int, name: str, **env: str) -> Iterator[list[WorkerProcess]]:
+        """Replace the session worker with ``count`` workers started with extra environment, then restore it."""
+        self.worker.stop()
+        workers: list[WorkerProcess] = []
+        try:
+            for index in range(count):
+                workers.append(self.new_worker(f"{name}-{self.backend}-{index}", **env).start())
+            yield workers
+        finally:
+            for worker in workers:
+                worker.stop()
+            self.worker.start()
+
     def new_worker(self, name: str, **env: str) -> WorkerProcess:
         """Another worker on the same stack (not started), with extra environment."""
         return WorkerProcess({**self.env, **env}, self.worker.log_path.with_name(f"{name}.log"))
@@ -97,7 +112,7 @@ def stack(
     """A worker process with the store on SQLite, then on PostgreSQL; the test process shares the store."""
     backend = request.param
     database_url = database_url_for(request, backend)
-    actors.broker.flush_all()
+    actors.broker.client.flushdb()
     settings = Settings(database_url=database_url)
     runtime.configure(lambda: build_runtime(settings), actor_options(settings))
     store = runtime.current().store
@@ -105,5 +120,5 @@ def stack(
     worker = WorkerProcess(env, tmp_path_factory.mktemp(f"worker-{backend}") / "worker.log").start()
     yield Stack(backend, database_url, store, openrouter, worker, env)
     worker.stop()
-    actors.broker.flush_all()
+    actors.broker.client.flushdb()
     store.engine.dispose()

@@ -1,0 +1,188 @@
+"""Per-user throttling: a Dramatiq middleware that parks what it cannot start, without burning a retry.
+
+Raising ``RateLimitExceeded`` in an actor counts as a retry and keeps the message cycling through the
+queue; this middleware instead decides before the actor runs. A message over its user's limit is
+parked with the limiter and acked (``SkipMessage``), so it holds no worker thread and no retry while
+it waits. When a job of that user ends, its slot passes straight to the oldest parked message, which
+is enqueued again already holding the slot: one redelivery per throttled job, and other users'
+messages never wait behind a parked backlog.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import dramatiq
+from dramatiq import Message
+from dramatiq.middleware import SkipMessage
+
+from middleware.limiters import (
+    BucketLimit,
+    ConcurrencyLimit,
+    LeaseStore,
+    StartRateGate,
+    UserLimit,
+    UserLoad,
+    WindowLimit,
+    split_entry,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def user_of(message: Any) -> str | None:
+    """The ``user_id`` of a message (keyword or second positional argument), if it is a usable string."""
+    user_id = message.kwargs.get("user_id")
+    if user_id is None and len(message.args) > 1:
+        user_id = message.args[1]
+    return user_id if isinstance(user_id, str) and user_id else None
+
+
+class UserThrottle(dramatiq.Middleware):
+    """Admit at most an actor's ``user_limit`` of each user's jobs; park the rest until a slot frees.
+
+    Actors opt in with the actor option ``user_limit`` (a ``ConcurrencyLimit``, ``WindowLimit`` or
+    ``BucketLimit``); messages of other actors pass untouched.
+
+    Parameters:
+      leases: where concurrency slots and parked messages live (``RedisLeaseStore`` in production).
+      gate: window and bucket limits (Dramatiq's rate limiters on a Redis or stub backend).
+      lease_ms: how long a slot outlives its last renewal, in milliseconds; a killed worker's slots
+        come back after at most this long. Running jobs renew theirs every ``lease_ms / 3``.
+      sweep_interval_ms: how often each worker process hands expired slots to parked messages, in ms.
+    """
+
+    def __init__(
+        self,
+        *,
+        leases: LeaseStore,
+        gate: StartRateGate | None = None,
+        lease_ms: int = 30_000,
+        sweep_interval_ms: int = 2_000,
+    ) -> None:
+        if lease_ms < 1000:
+            raise ValueError("lease_ms must be at least 1000")
+        self.leases = leases
+        self.gate = gate
+        self.lease_ms = lease_ms
+        self.sweep_interval_ms = sweep_interval_ms
+        self._held: dict[str, tuple[str, int]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._broker: dramatiq.Broker | None = None
+
+    @property
+    def actor_options(self) -> set[str]:
+        """The per-actor option this middleware reads."""
+        return {"user_limit"}
+
+    # -- Dramatiq hooks -------------------------------------------------------------------------
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Start the thread that renews held leases and rescues parked messages of dead workers."""
+        self._broker = broker
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._maintain, name="user-throttle", daemon=True)
+        self._thread.start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Stop the maintenance thread (running jobs still release their slots as they end)."""
+        self._stop.set()
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        """Take a slot for the message's user, or park the message and skip it."""
+        limit, user_id = self._limit_for(broker, message)
+        if limit is None or user_id is None:
+            return
+        key = f"{message.actor_name}:{user_id}"
+        if isinstance(limit, ConcurrencyLimit):
+            entry = message.message_id.encode() + b"\n" + message.encode()
+            if self.leases.acquire(
+                key, message.message_id, limit=limit.limit, lease_ms=self.lease_ms, parked_entry=entry
+            ):
+                with self._lock:
+                    self._held[message.message_id] = (key, limit.limit)
+                return
+            logger.info("job parked: user at its limit of %d", limit.limit, extra={"user_id": user_id})
+            raise SkipMessage("throttled: parked until a slot of this user frees")
+        if self.gate is None:
+            return
+        delay_ms = self.gate.try_start(key, limit)
+        if delay_ms is None:
+            return
+        broker.enqueue(message.copy(), delay=delay_ms)
+        raise SkipMessage(f"throttled: start rate reached, retrying in {delay_ms} ms")
+
+    def after_process_message(
+        self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
+    ) -> None:
+        """Give the slot back, handing it to the user's oldest parked message."""
+        self._release(broker, message.message_id)
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        """A message skipped after it took a slot (by a later middleware) gives the slot back too."""
+        self._release(broker, message.message_id)
+
+    # -- visibility -----------------------------------------------------------------------------
+
+    def loads(self) -> list[UserLoad]:
+        """Running and waiting (parked) jobs per actor and user, across every worker."""
+        return self.leases.loads()
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _limit_for(self, broker: dramatiq.Broker, message: Any) -> tuple[UserLimit | None, str | None]:
+        try:
+            actor = broker.get_actor(message.actor_name)
+        except dramatiq.errors.ActorNotFound:
+            return None, None
+        limit = actor.options.get("user_limit")
+        if not isinstance(limit, ConcurrencyLimit | WindowLimit | BucketLimit):
+            return None, None
+        return limit, user_of(message)
+
+    def _release(self, broker: dramatiq.Broker, message_id: str) -> None:
+        with self._lock:
+            held = self._held.pop(message_id, None)
+        if held is None:
+            return
+        key, limit = held
+        self._enqueue_handoffs(broker, self.leases.release(key, message_id, limit=limit, lease_ms=self.lease_ms))
+
+    def _enqueue_handoffs(self, broker: dramatiq.Broker, entries: list[bytes]) -> None:
+        for entry in entries:
+            holder, body = split_entry(entry)
+            broker.enqueue(Message.decode(body))
+            self.leases.handed_off(holder)
+
+    def _maintain(self) -> None:
+        """Renew held leases every lease/3; hand expired slots to parked messages every sweep interval."""
+        renew_every_s = self.lease_ms / 3000
+        sweep_every_s = self.sweep_interval_ms / 1000
+        next_renew = next_sweep = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                if now >= next_renew:
+                    with self._lock:
+                        held = [(key, holder) for holder, (key, _) in self._held.items()]
+                    self.leases.renew(held, lease_ms=self.lease_ms)
+                    next_renew = now + renew_every_s
+                if now >= next_sweep and self._broker is not None:
+                    self._sweep(self._broker)
+                    next_sweep = now + sweep_every_s
+            except Exception:
+                logger.exception("throttle maintenance failed; retrying")
+            self._stop.wait(min(renew_every_s, sweep_every_s, 1.0))
+
+    def _sweep(self, broker: dramatiq.Broker) -> None:
+        for key, limit in self.leases.parked_keys().items():
+            self._enqueue_handoffs(broker, self.leases.release(key, None, limit=limit, lease_ms=self.lease_ms))
+        for holder, body in self.leases.stale_handoffs(older_than_ms=self.lease_ms):
+            logger.warning("re-enqueueing a handed-off message whose worker died", extra={"message_id": holder})
+            broker.enqueue(Message.decode(body))
+            self.leases.handed_off(holder)

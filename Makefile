@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 THREADS ?= 8
 PROCESSES ?= 1
+# Above SHUTDOWN_GRACE_S (20 s): jobs still running then are handed back to the queue before the worker exits.
+SHUTDOWN_TIMEOUT_MS ?= 30000
 
 .PHONY: install run demo test lint unit integration worker scheduler bench migrate clean
 
@@ -37,7 +39,7 @@ integration: install
 	$(BIN)/python -m pytest tests/integration
 
 worker: install
-	$(BIN)/dramatiq actors --processes $(PROCESSES) --threads $(THREADS)
+	$(BIN)/dramatiq actors --processes $(PROCESSES) --threads $(THREADS) --worker-shutdown-timeout $(SHUTDOWN_TIMEOUT_MS)
 
 scheduler: install
 	$(BIN)/python scheduler.py

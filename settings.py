@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     """A processing job whose heartbeat is older than this may be taken over by another message, in seconds."""
     broker_heartbeat_timeout_ms: Annotated[int, Field(ge=5000)] = 15000
     """A worker silent this long is presumed dead and its unacked messages are requeued, in milliseconds."""
+    shutdown_grace_s: Annotated[int, Field(ge=0)] = 20
+    """On SIGTERM, running jobs may go on this long before they are handed back to the queue, in seconds."""
     cancel_signals: bool = True
     """Signal cancels to the owning worker over Redis pub/sub; off, workers notice at their next heartbeat."""
     auto_migrate: bool = True

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import dramatiq
 
-from actors import runtime
+from actors import log_redaction, runtime
 from actors.wiring import actor_options, build_broker, build_runtime
 from settings import load_settings
 
 settings = load_settings()
+log_redaction.install()
 broker = build_broker(settings)
 dramatiq.set_broker(broker)
 runtime.configure(lambda: build_runtime(settings), actor_options(settings))
 
-from actors.api import cancel_job, enqueue_generation, enqueue_preview, get_job  # noqa: E402
+from actors.api import cancel_job, enqueue_generation, enqueue_preview, get_job, user_loads  # noqa: E402
 from actors.jobs import JobFailed  # noqa: E402
 from actors.payloads import GenerationParams  # noqa: E402
 from actors.tasks import (  # noqa: E402
@@ -48,4 +49,5 @@ __all__ = [
     "generate_preview",
     "get_job",
     "settings",
+    "user_loads",
 ]

@@ -6,9 +6,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import dramatiq
+
 from actors import runtime
 from actors.payloads import GenerateMessage, GenerationParams, JobRef, PreviewMessage, new_job_id
 from actors.tasks import generate_llm_response, generate_preview
+from middleware.limiters import UserLoad
+from middleware.throttle import UserThrottle
 from repositories.store import Job, JobKind, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -81,3 +85,11 @@ def get_job(job_id: str, user_id: str | None = None) -> Job | None:
     if job is None or (user_id is not None and job.user_id != user_id):
         return None
     return job
+
+
+def user_loads() -> list[UserLoad]:
+    """Jobs running and waiting for a throttle slot, per actor and user, across every worker."""
+    for middleware in dramatiq.get_broker().middleware:
+        if isinstance(middleware, UserThrottle):
+            return middleware.loads()
+    return []

@@ -24,10 +24,14 @@ CANCEL_CHANNEL = "llm-jobs:cancel"
 
 
 class CancelWatch:
-    """The cancel flag of one running job, settable from any thread and awaitable from the job's loop."""
+    """The stop flag of one running job, settable from any thread and awaitable from the job's loop.
+
+    It is raised by a cancel signal, or by ``hand_back`` when the worker shuts down.
+    """
 
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
+        self.handed_back = False
         self._flag = threading.Event()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -39,6 +43,11 @@ class CancelWatch:
             self._flag.set()
             if self._loop is not None and self._event is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._event.set)
+
+    def hand_back(self) -> None:
+        """Stop the job because its worker shuts down: it goes back to the queue, it is not cancelled."""
+        self.handed_back = True
+        self.set()
 
     def is_set(self) -> bool:
         """True once a cancel signal arrived."""
@@ -75,13 +84,11 @@ class CancelSignals:
         except redis.RedisError as exc:
             logger.warning("cancel signal not published (%s); the worker stops at its next heartbeat", exc)
 
-    def watch(self, job_id: str) -> CancelWatch:
-        """Register a running job; call before claiming it so no signal can slip between claim and stream."""
+    def watch(self, watch: CancelWatch) -> None:
+        """Route signals for ``watch.job_id`` to it; call before claiming so none slips between claim and stream."""
         self._ensure_listening()
-        watch = CancelWatch(job_id)
         with self._lock:
-            self._watches[job_id] = watch
-        return watch
+            self._watches[watch.job_id] = watch
 
     def unwatch(self, watch: CancelWatch) -> None:
         """Forget a job that stopped running in this process."""

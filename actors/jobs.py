@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,6 +75,7 @@ class AttemptResult:
     text: str
     finished: Finished | None = None
     cancelled: bool = False
+    handed_back: bool = False
 
 
 @dataclass
@@ -92,6 +95,8 @@ class Delivery:
     message_id: str
     retries: int
     max_retries: int
+    requeue: Callable[[], object] | None = None
+    """Enqueue the same message again (same id, same retry count), without counting a retry."""
 
 
 class JobRunner:
@@ -113,6 +118,8 @@ class JobRunner:
     ) -> None:
         self.store = store
         self.cancel_signals = cancel_signals
+        self._active: set[CancelWatch] = set()
+        self._active_lock = threading.Lock()
         self._provider_factory = provider_factory
         self._preview_provider_factory = preview_provider_factory or provider_factory
         self.preview_model = preview_model
@@ -126,14 +133,9 @@ class JobRunner:
 
     def run_generation(self, message: GenerateMessage, delivery: Delivery) -> None:
         """Run one delivery of a generate message to its end, or raise ``Retry``/``JobFailed``."""
-        self.store.create(
-            job_id=message.job_id,
-            user_id=message.user_id,
-            kind=JobKind.GENERATE,
-            request=message.params.model_dump(exclude_none=True),
-        )
         with self._watching(message.job_id) as watch:
-            job = self._claim(message.job_id, message.user_id, JobKind.GENERATE, delivery)
+            stored = message.params.model_dump(exclude_none=True)
+            job = self._claim(message.job_id, message.user_id, JobKind.GENERATE, delivery, request=stored)
             if job is None:
                 return
             self._attempt(
@@ -142,15 +144,12 @@ class JobRunner:
 
     def run_preview(self, message: PreviewMessage, delivery: Delivery) -> None:
         """Run one delivery of a preview message: short content is kept as is, long content is summarised."""
-        self.store.create(
-            job_id=message.job_id,
-            user_id=message.user_id,
-            kind=JobKind.PREVIEW,
-            request={"title": message.title, "content": message.content},
-        )
         needs_model = len(message.content) > PREVIEW_MAX_CHARS
         with self._watching(message.job_id) as watch:
-            job = self._claim(message.job_id, message.user_id, JobKind.PREVIEW, delivery, count_attempt=needs_model)
+            stored = {"title": message.title, "content": message.content}
+            job = self._claim(
+                message.job_id, message.user_id, JobKind.PREVIEW, delivery, request=stored, count_attempt=needs_model
+            )
             if job is None:
                 return
             if needs_model:
@@ -180,40 +179,69 @@ class JobRunner:
         )
 
     @contextlib.contextmanager
-    def _watching(self, job_id: str) -> Iterator[CancelWatch | None]:
-        """Listen for the job's cancel signal from before the claim until the attempt ends."""
-        if self.cancel_signals is None:
-            yield None
-            return
-        watch = self.cancel_signals.watch(job_id)
+    def _watching(self, job_id: str) -> Iterator[CancelWatch]:
+        """Listen for the job's cancel signal (and a shutdown hand-back) from before the claim to the end."""
+        watch = CancelWatch(job_id)
+        with self._active_lock:
+            self._active.add(watch)
+        if self.cancel_signals is not None:
+            self.cancel_signals.watch(watch)
         try:
             yield watch
         finally:
-            self.cancel_signals.unwatch(watch)
+            if self.cancel_signals is not None:
+                self.cancel_signals.unwatch(watch)
+            with self._active_lock:
+                self._active.discard(watch)
+
+    def hand_back_running(self) -> int:
+        """Stop every running attempt of this process and send its job back to the queue (worker shutdown)."""
+        with self._active_lock:
+            watches = list(self._active)
+        for watch in watches:
+            watch.hand_back()
+        if watches:
+            logger.warning("worker shutting down: handing %d running jobs back to the queue", len(watches))
+        return len(watches)
 
     # -- claiming -------------------------------------------------------------------------------
 
     def _claim(
-        self, job_id: str, user_id: str, kind: JobKind, delivery: Delivery, *, count_attempt: bool = True
+        self,
+        job_id: str,
+        user_id: str,
+        kind: JobKind,
+        delivery: Delivery,
+        *,
+        request: dict[str, Any],
+        count_attempt: bool = True,
     ) -> Job | None:
+        """Claim the job for this delivery, creating the row first if web code sent the actor directly."""
+        claim = functools.partial(
+            self.store.claim,
+            job_id,
+            owner=delivery.message_id,
+            lease_s=self.lease_s,
+            user_id=user_id,
+            kind=kind,
+            count_attempt=count_attempt,
+        )
+        job = claim()
+        if job is not None:
+            return job
         existing = self.store.get(job_id)
         if existing is None:
-            return None
-        if existing.user_id != user_id or existing.kind is not kind:
-            logger.warning(
-                "message ignored: job belongs to another user or kind",
-                extra={"job_id": job_id, "user_id": user_id},
-            )
-            return None
-        job = self.store.claim(job_id, owner=delivery.message_id, lease_s=self.lease_s, count_attempt=count_attempt)
-        if job is None:
-            current = self.store.get(job_id)
-            logger.info(
-                "message skipped: job is %s",
-                current.status if current else "gone",
-                extra={"job_id": job_id, "user_id": user_id},
-            )
-        return job
+            self.store.create(job_id=job_id, user_id=user_id, kind=kind, request=request)
+            job = claim()
+            if job is not None:
+                return job
+            existing = self.store.get(job_id)
+        extra = {"job_id": job_id, "user_id": user_id}
+        if existing is not None and (existing.user_id != user_id or existing.kind is not kind):
+            logger.warning("message ignored: job belongs to another user or kind", extra=extra)
+        else:
+            logger.info("message skipped: job is %s", existing.status if existing else "gone", extra=extra)
+        return None
 
     # -- one attempt ----------------------------------------------------------------------------
 
@@ -222,7 +250,7 @@ class JobRunner:
         job: Job,
         delivery: Delivery,
         request: ChatRequest,
-        watch: CancelWatch | None,
+        watch: CancelWatch,
         *,
         timeout_s: float,
         on_done: Callable[[Job, Delivery, AttemptResult, str], None],
@@ -251,6 +279,12 @@ class JobRunner:
             logger.warning("attempt interrupted by %s", type(interruption).__name__, extra=log_extra)
             raise
         elapsed = time.monotonic() - started
+        if result.handed_back:
+            note = f"attempt {job.attempts} stopped: its worker shut down; the job went back to the queue"
+            if self.store.release_for_retry(job.job_id, owner=delivery.message_id, error=note) and delivery.requeue:
+                delivery.requeue()
+            logger.warning("attempt handed back after %.2fs: worker shutting down", elapsed, extra=log_extra)
+            return
         if result.cancelled:
             self.store.keep_partial(job.job_id, owner=delivery.message_id, content=result.text)
             logger.info("attempt stopped: job cancelled after %.2fs", elapsed, extra=log_extra)
@@ -267,7 +301,7 @@ class JobRunner:
         delivery: Delivery,
         provider: ChatProvider,
         request: ChatRequest,
-        watch: CancelWatch | None,
+        watch: CancelWatch,
         timeout_s: float,
     ) -> AttemptResult:
         """Read the stream while writing progress and the lease heartbeat every ``progress_interval_s``.
@@ -285,7 +319,7 @@ class JobRunner:
             raise StreamBroken("stream ended without a final event", provider=provider.name)
 
         task = asyncio.create_task(pump())
-        signal = asyncio.create_task(watch.wait()) if watch is not None else None
+        signal: asyncio.Task[None] | None = asyncio.create_task(watch.wait())
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -302,6 +336,9 @@ class JobRunner:
                     return AttemptResult(text=progress.text, finished=task.result())
                 if signal is not None and signal in done:
                     signal = None
+                    if watch.handed_back:
+                        task.cancel()
+                        return AttemptResult(text=progress.text, handed_back=True)
                     if self._is_cancelled(job.job_id):
                         task.cancel()
                         return AttemptResult(text=progress.text, cancelled=True)

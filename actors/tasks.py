@@ -34,10 +34,12 @@ def _delivery(max_retries: int) -> Delivery:
     message = CurrentMessage.get_current_message()
     if message is None:
         raise RuntimeError("actor called outside a worker (CurrentMessage middleware missing)")
+    broker = dramatiq.get_broker()
     return Delivery(
         message_id=message.message_id,
         retries=int(message.options.get("retries", 0)),
         max_retries=max_retries,
+        requeue=lambda: broker.enqueue(message.copy()),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import redis
@@ -17,9 +18,11 @@ from dramatiq.middleware import (
 )
 from dramatiq.rate_limits.backends import RedisBackend as RateLimitRedisBackend
 
+from actors import runtime
 from actors.cancellation import CancelSignals
 from actors.jobs import JobRunner, RetryPolicy
 from actors.runtime import ActorOptions, Runtime
+from middleware.graceful_shutdown import GracefulShutdown
 from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
 from middleware.startup import ConfigurationCheck
 from middleware.throttle import UserThrottle
@@ -59,8 +62,12 @@ def build_broker(settings: Settings) -> RedisBroker:
             max_backoff=settings.retry_max_backoff_ms,
         ),
         CurrentMessage(),
-        WorkerTuning(prefetch_per_thread=1, poll_interval_ms=100),
+        WorkerTuning(prefetch_per_thread=1, poll_interval_ms=20),
         ConfigurationCheck(check=settings.require_provider_key),
+        GracefulShutdown(
+            grace_ms=settings.shutdown_grace_s * 1000,
+            hand_back=lambda: runtime.current().runner.hand_back_running(),
+        ),
     ]
     return RedisBroker(  # type: ignore[no-untyped-call]
         url=settings.redis_url,
@@ -144,8 +151,9 @@ def build_runtime(settings: Settings) -> Runtime:
     signals = CancelSignals(redis.Redis.from_url(settings.redis_url)) if settings.cancel_signals else None
     runner = JobRunner(
         store=store,
-        provider_factory=lambda: build_provider(settings),
-        preview_provider_factory=lambda: build_preview_provider(settings),
+        # Built once per process and shared by its threads; a factory that raises is tried again next job.
+        provider_factory=functools.cache(lambda: build_provider(settings)),
+        preview_provider_factory=functools.cache(lambda: build_preview_provider(settings)),
         preview_model=settings.preview_model,
         retry_policy=RetryPolicy(settings.retry_min_backoff_ms, settings.retry_max_backoff_ms),
         progress_interval_s=settings.progress_interval_ms / 1000,

@@ -299,11 +299,21 @@ class JobStore:
             logger.debug("job moved to %s", target, extra={"job_id": job_id, "status": str(target)})
         return changed
 
-    def claim(self, job_id: str, *, owner: str, lease_s: float, count_attempt: bool = True) -> Job | None:
+    def claim(
+        self,
+        job_id: str,
+        *,
+        owner: str,
+        lease_s: float,
+        user_id: str | None = None,
+        kind: JobKind | None = None,
+        count_attempt: bool = True,
+    ) -> Job | None:
         """Move a job to ``processing`` for ``owner`` (a message id); None when it is not ours to run.
 
         A pending job is claimed. A processing job is claimed again by the same message (redelivered
-        after its worker died) or, once its heartbeat is older than ``lease_s``, by any message.
+        after its worker died) or, once its heartbeat is older than ``lease_s``, by any message. With
+        ``user_id`` and ``kind``, only a job of that user and kind is claimed.
         """
         now = utcnow()
         stale = now - timedelta(seconds=lease_s)
@@ -316,10 +326,15 @@ class JobStore:
         }
         if count_attempt:
             values["attempts"] = JobRow.attempts + 1
+        conditions = [JobRow.job_id == job_id]
+        if user_id is not None:
+            conditions.append(JobRow.user_id == user_id)
+        if kind is not None:
+            conditions.append(JobRow.kind == str(kind))
         statement = (
             update(JobRow)
             .where(
-                JobRow.job_id == job_id,
+                *conditions,
                 or_(
                     JobRow.status == JobStatus.PENDING,
                     (JobRow.status == JobStatus.PROCESSING)
@@ -327,12 +342,11 @@ class JobStore:
                 ),
             )
             .values(values)
+            .returning(*JobRow.__table__.columns)
         )
         with self.engine.begin() as connection:
-            if connection.execute(statement).rowcount != 1:
-                return None
-            row = connection.execute(select(JobRow).where(JobRow.job_id == job_id)).one()
-        return Job.from_row(row)
+            row = connection.execute(statement).first()
+        return None if row is None else Job.from_row(row)
 
     def heartbeat(self, job_id: str, *, owner: str, content: str | None = None) -> bool:
         """Refresh the lease and, when given, the partial text; False once the job is no longer ours."""

@@ -217,6 +217,8 @@ def run_stack(settings: Settings, *, project_root: Path, console: Console) -> in
             return 0
 
         env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
+        # Ctrl+C should not wait long for running generations: they are handed back after 3 s.
+        env.setdefault("SHUTDOWN_GRACE_S", "3")
         worker_argv = [
             sys.executable,
             "-m",

@@ -34,8 +34,17 @@ def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, interval:
 class WorkerProcess:
     """One ``dramatiq actors`` command in its own process group, logging to a file."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, threads: int = 8, processes: int = 1) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        threads: int = 8,
+        processes: int = 1,
+        actors_module: str = "actors",
+    ) -> None:
         self.env = dict(env)
+        self.actors_module = actors_module
         self.log_path = log_path
         self.threads = threads
         self.processes = processes
@@ -50,7 +59,7 @@ class WorkerProcess:
                 sys.executable,
                 "-m",
                 "dramatiq",
-                "actors",
+                self.actors_module,
                 "--processes",
                 str(self.processes),
                 "--threads",

@@ -20,7 +20,7 @@ from tests.conftest import database_url_for
 from tests.harness import PROJECT_ROOT, READY_LINE, WorkerProcess, wait_until
 from tests.loopback.openrouter import OpenRouterServer
 
-__all__ = ["PROJECT_ROOT", "READY_LINE", "Stack", "WorkerProcess", "params", "wait_until"]
+__all__ = ["PROJECT_ROOT", "READY_LINE", "Stack", "WorkerProcess", "WorkerSlot", "params", "wait_until"]
 
 
 def params(key: str, **extra: Any) -> dict[str, Any]:
@@ -91,11 +91,42 @@ def worker_env(database_url: str, server: OpenRouterServer, **extra: str) -> dic
         "PROGRESS_INTERVAL_MS": "200",
         "BROKER_HEARTBEAT_TIMEOUT_MS": "5000",
         "JOB_LEASE_S": "10",
+        "SHUTDOWN_GRACE_S": "2",
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": str(PROJECT_ROOT),
     }
     env.update(extra)
     return env
+
+
+class WorkerSlot:
+    """The test Redis queues are consumed by one worker setup at a time: whoever needs them pauses the holder."""
+
+    def __init__(self) -> None:
+        self.holder: Stack | None = None
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Stop the session stack's worker (if any) for the duration, then restore it and its store."""
+        holder = self.holder
+        if holder is None:
+            yield
+            return
+        holder.worker.stop()
+        try:
+            yield
+        finally:
+            actors.broker.client.flushdb()
+            settings = Settings(database_url=holder.database_url)
+            runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+            holder.store = runtime.current().store
+            holder.worker.start()
+
+
+@pytest.fixture(scope="session")
+def worker_slot() -> WorkerSlot:
+    """The one-worker-setup-at-a-time rule of the integration tests."""
+    return WorkerSlot()
 
 
 @pytest.fixture(scope="session")
@@ -107,7 +138,10 @@ def openrouter() -> Iterator[OpenRouterServer]:
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def stack(
-    request: pytest.FixtureRequest, openrouter: OpenRouterServer, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    openrouter: OpenRouterServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    worker_slot: WorkerSlot,
 ) -> Iterator[Stack]:
     """A worker process with the store on SQLite, then on PostgreSQL; the test process shares the store."""
     backend = request.param
@@ -118,7 +152,10 @@ def stack(
     store = runtime.current().store
     env = worker_env(database_url, openrouter)
     worker = WorkerProcess(env, tmp_path_factory.mktemp(f"worker-{backend}") / "worker.log").start()
-    yield Stack(backend, database_url, store, openrouter, worker, env)
+    running = Stack(backend, database_url, store, openrouter, worker, env)
+    worker_slot.holder = running
+    yield running
+    worker_slot.holder = None
     worker.stop()
     actors.broker.client.flushdb()
     store.engine.dispose()

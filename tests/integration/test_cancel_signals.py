@@ -6,7 +6,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from actors.cancellation import CancelSignals
+from actors.cancellation import CancelSignals, CancelWatch
 from tests.conftest import TEST_REDIS_URL, unique
 from tests.integration.conftest import wait_until
 
@@ -15,8 +15,10 @@ def test_a_published_cancel_sets_the_watch_of_that_job_only() -> None:
     listener = CancelSignals(redis.Redis.from_url(TEST_REDIS_URL), channel=unique("chan"))
     publisher = CancelSignals(redis.Redis.from_url(TEST_REDIS_URL), channel=listener._channel)
     try:
-        watched = listener.watch("job-a")
-        other = listener.watch("job-b")
+        watched = CancelWatch("job-a")
+        listener.watch(watched)
+        other = CancelWatch("job-b")
+        listener.watch(other)
         assert listener.wait_until_listening()
         publisher.publish("job-a")
         wait_until(watched.is_set, timeout=5, what="the signal")
@@ -28,9 +30,11 @@ def test_a_published_cancel_sets_the_watch_of_that_job_only() -> None:
 def test_an_unwatched_job_ignores_its_signal() -> None:
     listener = CancelSignals(redis.Redis.from_url(TEST_REDIS_URL), channel=unique("chan"))
     try:
-        watch = listener.watch("job-a")
+        watch = CancelWatch("job-a")
+        listener.watch(watch)
         listener.unwatch(watch)
-        sentinel = listener.watch("job-z")
+        sentinel = CancelWatch("job-z")
+        listener.watch(sentinel)
         assert listener.wait_until_listening()
         listener.publish("job-a")
         listener.publish("job-z")

@@ -129,3 +129,12 @@ def test_no_key_reaches_the_log_or_the_store(stack: Stack) -> None:
     assert TEST_API_KEY not in (job.error or "")
     assert TEST_API_KEY not in repr(job)
     assert TEST_API_KEY not in stack.worker.log()
+
+
+def test_no_prompt_reaches_the_worker_log(stack: Stack) -> None:
+    key = unique("job")
+    stack.server.script_for(key, Reply.error(503), Reply.error(400, message="bad"))
+    params_with_secret = params(key)
+    params_with_secret["messages"][0]["content"] += " PRIVATE-DIARY-ENTRY"
+    stack.wait_for_status(enqueue_generation(user_id="u1", params=params_with_secret, job_id=key))
+    assert "PRIVATE-DIARY-ENTRY" not in stack.worker.log()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from actors import cancel_job, enqueue_generation, enqueue_preview
+from actors import cancel_job, enqueue_generation, enqueue_preview, user_loads
 from repositories.store import JobStatus
 from tests.conftest import unique
 from tests.integration.conftest import Stack, params, wait_until
@@ -113,3 +113,25 @@ def test_a_job_longer_than_the_lease_keeps_its_slot(stack: Stack) -> None:
     long_request = stack.server.requests_for(long_job)[0]
     assert long_request.closed_at is not None
     assert stack.server.requests_for(next_job)[0].received_at >= long_request.closed_at
+
+
+def test_running_and_waiting_jobs_per_user_can_be_read_from_code(stack: Stack) -> None:
+    with stack.other_workers(1, "visible", GENERATE_USER_CONCURRENCY="1"):
+        user = unique("user")
+        # Given one running job of the user and two more submitted
+        keys = [f"{user}-{index}" for index in range(3)]
+        stack.server.script_for(keys[0], Reply.ok("a", stall_after_chunks=1))
+        for key in keys:
+            stack.server.script_for(key, Reply.ok("done"))
+            enqueue_generation(user_id=user, params=params(key), job_id=key)
+        # When the loads are read / Then one runs and two wait
+        load = wait_until(
+            lambda: next((x for x in user_loads() if x.user_id == user and x.waiting == 2), None),
+            timeout=15,
+            what="two parked jobs",
+        )
+        assert (load.actor, load.running, load.waiting) == ("generate_llm_response", 1, 2)
+        assert cancel_job(keys[0], user_id=user)
+        for key in keys[1:]:
+            assert stack.wait_for_status(key, timeout=20).status is JobStatus.COMPLETED
+    assert not [x for x in user_loads() if x.user_id == user]

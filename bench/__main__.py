@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import cancel, providers
+from bench import cancel, providers, recovery, throttle
 
 
 def main() -> int:
     """Run the benchmarks one after the other; non-zero if any failed."""
     status = 0
-    for module in (cancel, providers):
+    for module in (throttle, cancel, recovery, providers):
         print(f"\n## {module.__name__}\n", flush=True)
         status |= module.main([])
     return status

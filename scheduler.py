@@ -15,6 +15,7 @@ from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecution
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 
+from middleware.log_format import formatter_for
 from settings import ConfigurationError, load_settings
 
 logger = logging.getLogger("scheduler")
@@ -49,7 +50,9 @@ def main() -> int:
     except ConfigurationError as exc:
         print(f"scheduler: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter_for(settings.log_format))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
     scheduler = build_scheduler(settings.cleanup_cron)
 
     def stop(signum: int, _frame: FrameType | None) -> None:

@@ -29,6 +29,13 @@ class UserLimitKind(StrEnum):
     BUCKET = "bucket"
 
 
+class LogFormatName(StrEnum):
+    """How workers write their logs (``LOG_FORMAT``)."""
+
+    TEXT = "text"
+    JSON = "json"
+
+
 class ConfigurationError(ValueError):
     """A setting is missing or invalid; the message names the variable and never its value."""
 
@@ -87,6 +94,8 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     """Apply the Alembic migrations on first use of the job store."""
     log_level: str = "INFO"
+    log_format: LogFormatName = LogFormatName.TEXT
+    """``text`` lines with the job's ids, or ``json``: one object per line (workers and the scheduler)."""
 
     @field_validator("cleanup_cron")
     @classmethod

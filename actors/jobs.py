@@ -255,7 +255,12 @@ class JobRunner:
         timeout_s: float,
         on_done: Callable[[Job, Delivery, AttemptResult, str], None],
     ) -> None:
-        log_extra: dict[str, Any] = {"job_id": job.job_id, "user_id": job.user_id, "attempt": job.attempts}
+        log_extra: dict[str, Any] = {
+            "job_id": job.job_id,
+            "user_id": job.user_id,
+            "kind": str(job.kind),
+            "attempt": job.attempts,
+        }
         try:
             provider = self._provider_for(job.kind)
         except Exception as exc:

@@ -24,6 +24,7 @@ from actors.jobs import JobRunner, RetryPolicy
 from actors.runtime import ActorOptions, Runtime
 from middleware.graceful_shutdown import GracefulShutdown
 from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
+from middleware.log_format import LogFormat
 from middleware.startup import ConfigurationCheck
 from middleware.throttle import UserThrottle
 from middleware.worker_tuning import WorkerTuning
@@ -63,6 +64,7 @@ def build_broker(settings: Settings) -> RedisBroker:
         ),
         CurrentMessage(),
         WorkerTuning(prefetch_per_thread=1, poll_interval_ms=20),
+        LogFormat(log_format=settings.log_format),
         ConfigurationCheck(check=settings.require_provider_key),
         GracefulShutdown(
             grace_ms=settings.shutdown_grace_s * 1000,

@@ -93,6 +93,8 @@ class Settings(BaseSettings):
     """Signal cancels to the owning worker over Redis pub/sub; off, workers notice at their next heartbeat."""
     auto_migrate: bool = True
     """Apply the Alembic migrations on first use of the job store."""
+    metrics_enabled: bool = False
+    """Serve Prometheus metrics from every worker (Dramatiq's exposition server, ``dramatiq_prom_port``)."""
     log_level: str = "INFO"
     log_format: LogFormatName = LogFormatName.TEXT
     """``text`` lines with the job's ids, or ``json``: one object per line (workers and the scheduler)."""

@@ -13,14 +13,15 @@ from __future__ import annotations
 import dramatiq
 
 from actors import log_redaction, runtime
-from actors.wiring import actor_options, build_broker, build_runtime
+from actors.wiring import actor_options, build_broker, build_runtime, job_metrics
 from settings import load_settings
 
 settings = load_settings()
 log_redaction.install()
-broker = build_broker(settings)
+metrics = job_metrics(settings)
+broker = build_broker(settings, metrics)
 dramatiq.set_broker(broker)
-runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+runtime.configure(lambda: build_runtime(settings, metrics), actor_options(settings))
 
 from actors.api import cancel_job, enqueue_generation, enqueue_preview, get_job, user_loads  # noqa: E402
 from actors.jobs import JobFailed  # noqa: E402

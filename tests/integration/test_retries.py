@@ -103,3 +103,13 @@ def test_a_mid_stream_error_naming_a_request_error_is_not_retried(stack: Stack) 
     assert job.status is JobStatus.FAILED
     assert job.error == "openrouter error 403: flagged"
     assert len(stack.server.requests_for(key)) == 1
+
+
+def test_an_empty_stream_without_a_finish_reason_is_retried(stack: Stack) -> None:
+    # Given a server that ends a stream with [DONE] but no text and no finish reason (an interrupted llama.cpp)
+    key = unique("job")
+    stack.server.script_for(key, Reply(chunks=(), finish_reason=None), Reply.ok("real answer"))
+    job = stack.wait_for_status(enqueue_generation(user_id="u1", params=params(key), job_id=key))
+    assert job.status is JobStatus.COMPLETED
+    assert job.content == "real answer"
+    assert job.attempts == 2

@@ -70,7 +70,7 @@ class StackRun:
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stack", "run"],
+            [sys.executable, "-m", "stack", "run", "--no-demo"],
             cwd=PROJECT_ROOT,
             env=self.env,
             stdin=subprocess.DEVNULL,

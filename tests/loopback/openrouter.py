@@ -89,7 +89,7 @@ class Reply:
     first_chunk_delay_s: float = 0.0
     keepalive_comments: bool = True
     usage: bool = True
-    finish_reason: str = "stop"
+    finish_reason: str | None = "stop"  # None: the final chunk says null, as an interrupted llama.cpp stream does
     model: str | None = None
     # failures
     status: int = 200

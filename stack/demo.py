@@ -125,6 +125,7 @@ def run_demo(model: str, *, stream: IO[str], timeout_s: float = 300.0, burst: in
         for demo in jobs
         if (job := outcomes[demo.label]) is None or str(job.status) != demo.expected
     ]
+    console.print()
     for line in wrong:
         console.print(f"[red]not as scripted[/red] {line}")
     console.print("demo batch done: every job ended as scripted" if not wrong else "demo batch: some jobs did not")

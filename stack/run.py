@@ -339,7 +339,11 @@ def run_stack(
         demo_done = threading.Event()
 
         def on_ready() -> None:
-            console.block(banner)
+            if screen is not None and demo != "off":
+                # The processes' lines go to a log file during the demo: the banner belongs on screen.
+                Console(screen).block(banner)
+            else:
+                console.block(banner)
             if demo == "off":
                 return
             os.environ.update({"REDIS_URL": redis_url, "DATABASE_URL": database_url})

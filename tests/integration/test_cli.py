@@ -538,3 +538,14 @@ def test_an_unreachable_redis_is_one_line_and_exit_one_and_leaves_no_job(stack: 
     assert result.stdout == ""
     assert one_line(result.stderr).startswith("llm-jobs: error: cannot reach Redis (REDIS_URL): ")
     assert stack.store.get(key) is None
+
+
+def test_an_invalid_setting_is_one_line_and_exit_status_2() -> None:
+    env = {**os.environ, "GENERATE_USER_CONCURRENCY": "zero"}
+    result = subprocess.run(
+        [sys.executable, "llm_jobs.py", "stats"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "GENERATE_USER_CONCURRENCY" in result.stderr
+    assert "Traceback" not in result.stderr

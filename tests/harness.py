@@ -31,6 +31,30 @@ def wait_until(condition: Callable[[], Any], *, timeout: float = 10.0, interval:
         time.sleep(interval)
 
 
+def wait_for_job_status(store: Any, job_id: str, *statuses: Any, timeout: float = 20.0) -> Any:
+    """Wait until the job in ``store`` reaches one of ``statuses`` (any final status when none are given)."""
+    from repositories.store import FINAL_STATUSES
+
+    wanted = set(statuses) or set(FINAL_STATUSES)
+
+    def reached() -> Any:
+        job = store.get(job_id)
+        return job if job is not None and job.status in wanted else None
+
+    return wait_until(reached, timeout=timeout, what=f"job {job_id} to reach {sorted(wanted)}")
+
+
+def wait_until_no_message_for(client: Any, job_id: str, *, timeout: float = 20.0) -> None:
+    """Wait until no message about ``job_id`` is queued, delayed or unacked in Redis (dead letters are done)."""
+    needle = job_id.encode()
+
+    def handled() -> bool:
+        live = (key for key in client.scan_iter(match="dramatiq:*.msgs") if b".XQ." not in key)
+        return not any(needle in body for key in live for body in client.hvals(key))
+
+    wait_until(handled, timeout=timeout, interval=0.05, what=f"the messages of {job_id} to be handled")
+
+
 class WorkerProcess:
     """One ``dramatiq actors`` command in its own process group, logging to a file."""
 

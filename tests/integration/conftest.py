@@ -17,7 +17,14 @@ from actors.wiring import actor_options, build_runtime
 from repositories.store import Job, JobStatus, JobStore
 from settings import Settings
 from tests.conftest import database_url_for
-from tests.harness import PROJECT_ROOT, READY_LINE, WorkerProcess, wait_until
+from tests.harness import (
+    PROJECT_ROOT,
+    READY_LINE,
+    WorkerProcess,
+    wait_for_job_status,
+    wait_until,
+    wait_until_no_message_for,
+)
 from tests.loopback.openrouter import OpenRouterServer
 
 __all__ = ["PROJECT_ROOT", "READY_LINE", "Stack", "WorkerProcess", "WorkerSlot", "params", "wait_until"]
@@ -41,27 +48,12 @@ class Stack:
 
     def wait_for_status(self, job_id: str, *statuses: JobStatus, timeout: float = 20.0) -> Job:
         """Wait until the job reaches one of ``statuses`` (any final status when none are given)."""
-        wanted = set(statuses) or {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
-
-        def reached() -> Job | None:
-            job = self.store.get(job_id)
-            return job if job is not None and job.status in wanted else None
-
-        job: Job = wait_until(reached, timeout=timeout, what=f"job {job_id} to reach {sorted(wanted)}")
+        job: Job = wait_for_job_status(self.store, job_id, *statuses, timeout=timeout)
         return job
 
     def wait_until_no_message_for(self, job_id: str, *, timeout: float = 20.0) -> None:
-        """Wait until no message about ``job_id`` is queued, delayed or unacked in Redis (all were handled)."""
-        client = actors.broker.client
-        needle = job_id.encode()
-
-        def handled() -> bool:
-            for key in client.scan_iter(match="dramatiq:*.msgs"):
-                if any(needle in body for body in client.hvals(key)):
-                    return False
-            return True
-
-        wait_until(handled, timeout=timeout, interval=0.05, what=f"the messages of {job_id} to be handled")
+        """Wait until no message about ``job_id`` is queued, delayed or unacked in Redis (dead letters are done)."""
+        wait_until_no_message_for(actors.broker.client, job_id, timeout=timeout)
 
     @contextlib.contextmanager
     def other_workers(self, count: int, name: str, **env: str) -> Iterator[list[WorkerProcess]]:

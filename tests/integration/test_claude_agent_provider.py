@@ -17,6 +17,7 @@ from repositories.chat import ChatRequest, Finished, StreamEvent, TextDelta
 from repositories.claude_agent import DEFAULT_MAX_TOKENS, ClaudeAgentProvider
 from repositories.errors import AttemptTimedOut, ProviderError, RateLimited, Rejected, Unavailable
 from tests.loopback.anthropic import AnthropicServer, Reply
+from tests.provider_streams import collect, failure_of
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,28 +85,6 @@ def chat(key: str, *messages: tuple[str, str], **options: Any) -> ChatRequest:
     return ChatRequest.model_validate(
         {"model": MODEL, "messages": [{"role": r, "content": c} for r, c in turns], **options}
     )
-
-
-def collect(provider: ClaudeAgentProvider, request: ChatRequest) -> list[StreamEvent]:
-    """Run one stream to its end in a fresh event loop, as a worker does."""
-
-    async def run() -> list[StreamEvent]:
-        return [event async for event in provider.stream(request)]
-
-    return asyncio.run(run())
-
-
-def failure_of(provider: ClaudeAgentProvider, request: ChatRequest) -> tuple[list[StreamEvent], ProviderError]:
-    """Run one stream that must fail; return the events before the failure and the error."""
-    events: list[StreamEvent] = []
-
-    async def run() -> None:
-        async for event in provider.stream(request):
-            events.append(event)
-
-    with pytest.raises(ProviderError) as raised:
-        asyncio.run(run())
-    return events, raised.value
 
 
 def test_a_completion_streams_through_the_cli_and_finishes_with_usage_and_cost(

@@ -24,7 +24,7 @@ from actors.wiring import actor_options, build_runtime
 from repositories.store import Job, JobStatus, JobStore
 from settings import Settings
 from tests.conftest import TEST_API_KEY, unique
-from tests.harness import PROJECT_ROOT, WorkerProcess, wait_until
+from tests.harness import PROJECT_ROOT, WorkerProcess, wait_for_job_status, wait_until, wait_until_no_message_for
 from tests.integration.conftest import WorkerSlot
 from tests.loopback import anthropic as anthropic_loopback
 from tests.loopback import openrouter as openrouter_loopback
@@ -189,25 +189,12 @@ class ProviderStack:
 
     def wait_for_status(self, job_id: str, *statuses: JobStatus, timeout: float = 20.0) -> Job:
         """Wait until the job reaches one of ``statuses`` (any final status when none are given)."""
-        wanted = set(statuses) or {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED}
-
-        def reached() -> Job | None:
-            job = self.store.get(job_id)
-            return job if job is not None and job.status in wanted else None
-
-        job: Job = wait_until(reached, timeout=timeout, what=f"job {job_id} to reach {sorted(wanted)}")
+        job: Job = wait_for_job_status(self.store, job_id, *statuses, timeout=timeout)
         return job
 
     def wait_until_no_message_for(self, job_id: str, *, timeout: float = 20.0) -> None:
         """Wait until no message about ``job_id`` is queued, delayed or unacked in Redis (dead letters are done)."""
-        client = actors.broker.client
-        needle = job_id.encode()
-
-        def handled() -> bool:
-            live = (key for key in client.scan_iter(match="dramatiq:*.msgs") if b".XQ." not in key)
-            return not any(needle in body for key in live for body in client.hvals(key))
-
-        wait_until(handled, timeout=timeout, interval=0.05, what=f"the messages of {job_id} to be handled")
+        wait_until_no_message_for(actors.broker.client, job_id, timeout=timeout)
 
     def new_worker(self, name: str, env: dict[str, str]) -> WorkerProcess:
         """Another worker process (not started) with ``env``, logging to its own file."""

@@ -14,6 +14,7 @@ from repositories.anthropic import DEFAULT_MAX_TOKENS, AnthropicProvider
 from repositories.chat import ChatRequest, Finished, StreamEvent, TextDelta, Usage
 from repositories.errors import ProviderError, RateLimited, Rejected, StreamBroken, Unavailable
 from tests.loopback.anthropic import AnthropicServer, Reply
+from tests.provider_streams import collect, failure_of
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -46,28 +47,6 @@ def chat(*messages: tuple[str, str], **options: Any) -> ChatRequest:
     return ChatRequest.model_validate(
         {"model": MODEL, "messages": [{"role": role, "content": content} for role, content in messages], **options}
     )
-
-
-def collect(provider: AnthropicProvider, request: ChatRequest) -> list[StreamEvent]:
-    """Run one stream to its end in a fresh event loop, as a worker does, and return its events."""
-
-    async def run() -> list[StreamEvent]:
-        return [event async for event in provider.stream(request)]
-
-    return asyncio.run(run())
-
-
-def failure_of(provider: AnthropicProvider, request: ChatRequest) -> tuple[list[StreamEvent], ProviderError]:
-    """Run one stream that must fail; return the events before the failure and the error."""
-    events: list[StreamEvent] = []
-
-    async def run() -> None:
-        async for event in provider.stream(request):
-            events.append(event)
-
-    with pytest.raises(ProviderError) as raised:
-        asyncio.run(run())
-    return events, raised.value
 
 
 def test_a_completion_streams_its_text_then_finishes_with_model_reason_and_usage(

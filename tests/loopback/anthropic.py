@@ -27,22 +27,16 @@ Manual use (serves the default reply until interrupted)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import logging
-import socket
 import threading
-import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Literal, cast
 
+from tests.loopback.base import LoopbackServer
 from tests.loopback.openrouter import (
-    OpenRouterServer,
     _ClientGoneError,
     _dumps,
     _Handler,
@@ -80,7 +74,6 @@ ERROR_TYPE_FOR_STATUS: dict[int, str] = {
 """The ``error.type`` Anthropic sends with each HTTP status (``api_error`` for any other status)."""
 
 _STATUS_FOR_ERROR_TYPE = {error_type: status for status, error_type in ERROR_TYPE_FOR_STATUS.items()}
-_STOP_JOIN_TIMEOUT_S = 5.0
 
 _Failure = Literal["error", "drop", "stall"]
 
@@ -216,215 +209,25 @@ class RecordedRequest:
 # --------------------------------------------------------------------------------------------------
 
 
-class AnthropicServer:
-    """Loopback imitation of the Anthropic Messages API serving scripted replies from a background thread."""
+class AnthropicServer(LoopbackServer[Reply, RecordedRequest]):
+    """Loopback imitation of the Anthropic Messages API serving scripted replies from a background thread.
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Configure the address; nothing is bound until `start`."""
-        self._host = host
-        self._port = port
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._fifo: deque[Reply] = deque()
-        self._keyed: dict[str, deque[Reply]] = {}
-        self._records: list[RecordedRequest] = []
-        self._default = Reply()
-        self._active: dict[socket.socket, threading.Thread] = {}
-        self._stopping = threading.Event()
-        self._httpd: _AnthropicHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+    A request is routed to ``key`` when ``[[key]]`` appears anywhere in its system prompt or messages' text.
+    The base URL is ``http://127.0.0.1:PORT``: the SDK and the CLI append ``/v1/messages``.
+    """
 
-    # lifecycle ------------------------------------------------------------------------------------
+    label = "Anthropic"
 
-    def start(self) -> AnthropicServer:
-        """Bind the socket, start the serve thread and return self."""
-        if self._httpd is not None:
-            raise RuntimeError("AnthropicServer is already running")
-        self._stopping.clear()
-        httpd = _AnthropicHTTPServer((self._host, self._port), self)
-        thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"anthropic-loopback-{httpd.server_address[1]}",
-            daemon=True,
-        )
-        self._httpd, self._thread = httpd, thread
-        thread.start()
-        logger.info("Anthropic loopback server listening at %s", self.base_url)
-        return self
+    def _initial_reply(self) -> Reply:
+        return Reply()
 
-    def stop(self) -> None:
-        """Stop accepting, close every open (also stalled) connection and join the server threads."""
-        httpd, thread = self._httpd, self._thread
-        if httpd is None or thread is None:
-            return
-        self._stopping.set()
-        httpd.shutdown()
-        with self._lock:
-            active = list(self._active.items())
-        for conn, _ in active:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + _STOP_JOIN_TIMEOUT_S
-        for _, handler_thread in active:
-            handler_thread.join(max(0.0, deadline - time.monotonic()))
-            if handler_thread.is_alive():
-                logger.warning("handler thread %s did not finish within %ss", handler_thread.name, _STOP_JOIN_TIMEOUT_S)
-        httpd.server_close()
-        thread.join(max(0.0, deadline - time.monotonic()))
-        self._httpd = self._thread = None
-        logger.debug("Anthropic loopback server stopped")
+    def _create_httpd(self, address: tuple[str, int]) -> ThreadingHTTPServer:
+        return _AnthropicHTTPServer(address, self)
 
-    def __enter__(self) -> AnthropicServer:
-        """Start the server."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the server."""
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """Base URL for the SDK and the CLI, e.g. ``http://127.0.0.1:PORT`` (they append ``/v1/messages``)."""
-        if self._httpd is None:
-            raise RuntimeError("AnthropicServer is not running; call start() first")
-        host, port = self._httpd.server_address[:2]
-        host_str = host.decode() if isinstance(host, bytes) else str(host)
-        return f"http://{host_str}:{port}"
-
-    # scripting ------------------------------------------------------------------------------------
-
-    def script(self, *replies: Reply) -> None:
-        """Queue replies on the global FIFO, consumed one per request in arrival order."""
-        with self._lock:
-            self._fifo.extend(replies)
-
-    def script_for(self, key: str, *replies: Reply) -> None:
-        """Queue replies for requests routed to ``key``; they are used before the global FIFO.
-
-        Routed means: ``[[key]]`` appears anywhere in the system prompt or the messages' text.
-        """
-        with self._lock:
-            self._keyed.setdefault(key, deque()).extend(replies)
-
-    @property
-    def default(self) -> Reply:
-        """Reply used when no script matches (initially ``Reply()``)."""
-        with self._lock:
-            return self._default
-
-    @default.setter
-    def default(self, reply: Reply) -> None:
-        with self._lock:
-            self._default = reply
-
-    def reset(self) -> None:
-        """Forget all scripts and recorded requests (the default reply is kept)."""
-        with self._lock:
-            self._fifo.clear()
-            self._keyed.clear()
-            self._records = []
-            self._cond.notify_all()
-
-    # inspection -----------------------------------------------------------------------------------
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        """Snapshot copies of all recorded requests, in arrival order."""
-        with self._lock:
-            return [_copy(r) for r in self._records]
-
-    def requests_for(self, key: str) -> list[RecordedRequest]:
-        """Snapshot copies of the recorded requests routed to ``key`` (see `RecordedRequest.matches`)."""
-        with self._lock:
-            return [_copy(r) for r in self._records if r.matches(key)]
-
-    def wait_for_requests(self, n: int, *, timeout: float = 10.0, key: str | None = None) -> list[RecordedRequest]:
-        """Block until at least ``n`` requests (matching ``key`` if given) arrived; return them all.
-
-        Raises `TimeoutError` if they do not arrive within ``timeout`` seconds.
-        """
-
-        def matching() -> list[RecordedRequest]:
-            return [r for r in self._records if key is None or r.matches(key)]
-
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(matching()) >= n, timeout=timeout):
-                got = matching()
-                what = "requests" if key is None else f"requests for key {key!r}"
-                raise TimeoutError(
-                    f"expected at least {n} {what} within {timeout}s, got {len(got)} "
-                    f"(all requests so far: {[(r.index, r.path) for r in self._records]})"
-                )
-            return [_copy(r) for r in matching()]
-
-    def wait_for_close(self, request: RecordedRequest | int, *, timeout: float = 10.0) -> RecordedRequest:
-        """Block until the connection of ``request`` (a record or its index) ended; return the updated record.
-
-        Raises `TimeoutError` if it is still open after ``timeout`` seconds.
-        """
-        index = request.index if isinstance(request, RecordedRequest) else request
-
-        def closed() -> bool:
-            return index < len(self._records) and self._records[index].closed_at is not None
-
-        with self._cond:
-            if not self._cond.wait_for(closed, timeout=timeout):
-                state = (
-                    "has not arrived"
-                    if index >= len(self._records)
-                    else f"is still open after {self._records[index].chunks_sent} chunks"
-                )
-                raise TimeoutError(f"request #{index} {state} (waited {timeout}s)")
-            return _copy(self._records[index])
-
-    # called from handler threads ------------------------------------------------------------------
-
-    def _register(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._active[conn] = threading.current_thread()
-
-    def _unregister(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._active.pop(conn, None)
-
-    def _record(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> RecordedRequest:
-        with self._cond:
-            record = RecordedRequest(
-                index=len(self._records), path=path, headers=headers, body=body, received_at=time.time()
-            )
-            record.reply = self._pick_reply(record)
-            self._records.append(record)
-            self._cond.notify_all()
-            return record
-
-    def _pick_reply(self, record: RecordedRequest) -> Reply:
-        # Lock held by the caller.
-        text = record.text
-        if text:
-            for key, queue in self._keyed.items():
-                if queue and f"[[{key}]]" in text:
-                    return queue.popleft()
-        if self._fifo:
-            return self._fifo.popleft()
-        return self._default
-
-    def _chunk_sent(self, record: RecordedRequest) -> None:
-        with self._cond:
-            record.chunks_sent += 1
-            self._cond.notify_all()
-
-    def _mark_closed(self, record: RecordedRequest, *, by_client: bool) -> None:
-        with self._cond:
-            if record.closed_at is None:
-                record.closed_at = time.time()
-                record.closed_by_client = by_client
-            self._cond.notify_all()
+    def _new_record(
+        self, *, index: int, path: str, headers: dict[str, str], body: dict[str, Any], received_at: float
+    ) -> RecordedRequest:
+        return RecordedRequest(index=index, path=path, headers=headers, body=body, received_at=received_at)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,9 +238,7 @@ class AnthropicServer:
 class _AnthropicHTTPServer(_HTTPServer):
     def __init__(self, address: tuple[str, int], owner: AnthropicServer) -> None:
         self.anthropic = owner
-        # The inherited handler plumbing only touches the owner's lifecycle members (``_stopping``,
-        # ``_register``, ``_unregister``), which AnthropicServer provides under the same names.
-        self.owner = cast(OpenRouterServer, owner)
+        self.owner = owner
         ThreadingHTTPServer.__init__(self, address, _AnthropicHandler)
 
 
@@ -674,15 +475,6 @@ def _output_tokens(reply: Reply) -> int:
 
 def _request_id() -> str:
     return f"req_loopback_{uuid.uuid4().hex[:20]}"
-
-
-def _copy(record: RecordedRequest) -> RecordedRequest:
-    return dataclasses.replace(record, headers=dict(record.headers), body=dict(record.body))
-
-
-# --------------------------------------------------------------------------------------------------
-# Manual use
-# --------------------------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:

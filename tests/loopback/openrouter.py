@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -33,11 +32,9 @@ import struct
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Literal, NoReturn, cast
 
 __all__ = [
@@ -49,6 +46,8 @@ __all__ = [
     "Reply",
     "main",
 ]
+
+from tests.loopback.base import LoopbackServer
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,6 @@ USAGE_COST = 0.00012
 """Cost (credits) reported in every usage chunk."""
 
 _POLL_INTERVAL_S = 0.01
-_STOP_JOIN_TIMEOUT_S = 5.0
 _SOCKET_TIMEOUT_S = 60.0
 _HAS_POLL = hasattr(select, "poll")
 
@@ -183,218 +181,25 @@ class RecordedRequest:
 # --------------------------------------------------------------------------------------------------
 
 
-class OpenRouterServer:
-    """Loopback OpenRouter imitation serving scripted replies from a background thread."""
+class OpenRouterServer(LoopbackServer[Reply, RecordedRequest]):
+    """Loopback OpenRouter imitation serving scripted replies from a background thread.
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Configure the address; nothing is bound until `start`."""
-        self._host = host
-        self._port = port
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._fifo: deque[Reply] = deque()
-        self._keyed: dict[str, deque[Reply]] = {}
-        self._records: list[RecordedRequest] = []
-        self._default = Reply()
-        self._active: dict[socket.socket, threading.Thread] = {}
-        self._stopping = threading.Event()
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+    A request is routed to ``key`` when its body has ``"user": key`` or its last message contains ``[[key]]``.
+    """
 
-    # lifecycle ------------------------------------------------------------------------------------
+    label = "OpenRouter"
+    url_suffix = "/api/v1"
 
-    def start(self) -> OpenRouterServer:
-        """Bind the socket, start the serve thread and return self."""
-        if self._httpd is not None:
-            raise RuntimeError("OpenRouterServer is already running")
-        self._stopping.clear()
-        httpd = _HTTPServer((self._host, self._port), self)
-        thread = threading.Thread(
-            target=httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"openrouter-loopback-{httpd.server_address[1]}",
-            daemon=True,
-        )
-        self._httpd, self._thread = httpd, thread
-        thread.start()
-        logger.info("OpenRouter loopback server listening at %s", self.base_url)
-        return self
+    def _initial_reply(self) -> Reply:
+        return Reply()
 
-    def stop(self) -> None:
-        """Stop accepting, close every open (also stalled) connection and join the server threads."""
-        httpd, thread = self._httpd, self._thread
-        if httpd is None or thread is None:
-            return
-        self._stopping.set()
-        httpd.shutdown()
-        with self._lock:
-            active = list(self._active.items())
-        for conn, _ in active:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + _STOP_JOIN_TIMEOUT_S
-        for _, handler_thread in active:
-            handler_thread.join(max(0.0, deadline - time.monotonic()))
-            if handler_thread.is_alive():
-                logger.warning("handler thread %s did not finish within %ss", handler_thread.name, _STOP_JOIN_TIMEOUT_S)
-        httpd.server_close()
-        thread.join(max(0.0, deadline - time.monotonic()))
-        self._httpd = self._thread = None
-        logger.debug("OpenRouter loopback server stopped")
+    def _create_httpd(self, address: tuple[str, int]) -> ThreadingHTTPServer:
+        return _HTTPServer(address, self)
 
-    def __enter__(self) -> OpenRouterServer:
-        """Start the server."""
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        """Stop the server."""
-        self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """OpenRouter-style base URL, e.g. ``http://127.0.0.1:PORT/api/v1`` (no trailing slash)."""
-        if self._httpd is None:
-            raise RuntimeError("OpenRouterServer is not running; call start() first")
-        host, port = self._httpd.server_address[:2]
-        host_str = host.decode() if isinstance(host, bytes) else str(host)
-        return f"http://{host_str}:{port}/api/v1"
-
-    # scripting ------------------------------------------------------------------------------------
-
-    def script(self, *replies: Reply) -> None:
-        """Queue replies on the global FIFO, consumed one per request in arrival order."""
-        with self._lock:
-            self._fifo.extend(replies)
-
-    def script_for(self, key: str, *replies: Reply) -> None:
-        """Queue replies for requests routed to ``key``; they are used before the global FIFO.
-
-        Routed means: the body has ``"user": key`` or the last message contains ``[[key]]``.
-        """
-        with self._lock:
-            self._keyed.setdefault(key, deque()).extend(replies)
-
-    @property
-    def default(self) -> Reply:
-        """Reply used when no script matches (initially ``Reply()``)."""
-        with self._lock:
-            return self._default
-
-    @default.setter
-    def default(self, reply: Reply) -> None:
-        with self._lock:
-            self._default = reply
-
-    def reset(self) -> None:
-        """Forget all scripts and recorded requests (the default reply is kept)."""
-        with self._lock:
-            self._fifo.clear()
-            self._keyed.clear()
-            self._records = []
-            self._cond.notify_all()
-
-    # inspection -----------------------------------------------------------------------------------
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        """Snapshot copies of all recorded requests, in arrival order."""
-        with self._lock:
-            return [_copy(r) for r in self._records]
-
-    def requests_for(self, key: str) -> list[RecordedRequest]:
-        """Snapshot copies of the recorded requests routed to ``key`` (see `RecordedRequest.matches`)."""
-        with self._lock:
-            return [_copy(r) for r in self._records if r.matches(key)]
-
-    def wait_for_requests(self, n: int, *, timeout: float = 10.0, key: str | None = None) -> list[RecordedRequest]:
-        """Block until at least ``n`` requests (matching ``key`` if given) arrived; return them all.
-
-        Raises `TimeoutError` if they do not arrive within ``timeout`` seconds.
-        """
-
-        def matching() -> list[RecordedRequest]:
-            return [r for r in self._records if key is None or r.matches(key)]
-
-        with self._cond:
-            if not self._cond.wait_for(lambda: len(matching()) >= n, timeout=timeout):
-                got = matching()
-                what = "requests" if key is None else f"requests for key {key!r}"
-                raise TimeoutError(
-                    f"expected at least {n} {what} within {timeout}s, got {len(got)} "
-                    f"(all requests so far: {[(r.index, r.path, r.key) for r in self._records]})"
-                )
-            return [_copy(r) for r in matching()]
-
-    def wait_for_close(self, request: RecordedRequest | int, *, timeout: float = 10.0) -> RecordedRequest:
-        """Block until the connection of ``request`` (a record or its index) ended; return the updated record.
-
-        Raises `TimeoutError` if it is still open after ``timeout`` seconds.
-        """
-        index = request.index if isinstance(request, RecordedRequest) else request
-
-        def closed() -> bool:
-            return index < len(self._records) and self._records[index].closed_at is not None
-
-        with self._cond:
-            if not self._cond.wait_for(closed, timeout=timeout):
-                state = (
-                    "has not arrived"
-                    if index >= len(self._records)
-                    else f"is still open after {self._records[index].chunks_sent} chunks"
-                )
-                raise TimeoutError(f"request #{index} {state} (waited {timeout}s)")
-            return _copy(self._records[index])
-
-    # called from handler threads ------------------------------------------------------------------
-
-    def _register(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._active[conn] = threading.current_thread()
-
-    def _unregister(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._active.pop(conn, None)
-
-    def _record(self, path: str, headers: dict[str, str], body: dict[str, Any]) -> RecordedRequest:
-        with self._cond:
-            record = RecordedRequest(
-                index=len(self._records), path=path, headers=headers, body=body, received_at=time.time()
-            )
-            record.reply = self._pick_reply(record)
-            self._records.append(record)
-            self._cond.notify_all()
-            return record
-
-    def _pick_reply(self, record: RecordedRequest) -> Reply:
-        # Lock held by the caller.
-        user = record.key
-        if user is not None and self._keyed.get(user):
-            return self._keyed[user].popleft()
-        text = record.last_message_text
-        if text:
-            for key, queue in self._keyed.items():
-                if queue and f"[[{key}]]" in text:
-                    return queue.popleft()
-        if self._fifo:
-            return self._fifo.popleft()
-        return self._default
-
-    def _chunk_sent(self, record: RecordedRequest) -> None:
-        with self._cond:
-            record.chunks_sent += 1
-            self._cond.notify_all()
-
-    def _mark_closed(self, record: RecordedRequest, *, by_client: bool) -> None:
-        with self._cond:
-            if record.closed_at is None:
-                record.closed_at = time.time()
-                record.closed_by_client = by_client
-            self._cond.notify_all()
+    def _new_record(
+        self, *, index: int, path: str, headers: dict[str, str], body: dict[str, Any], received_at: float
+    ) -> RecordedRequest:
+        return RecordedRequest(index=index, path=path, headers=headers, body=body, received_at=received_at)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +220,7 @@ class _HTTPServer(ThreadingHTTPServer):
     request_queue_size = 128
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], owner: OpenRouterServer) -> None:
+    def __init__(self, address: tuple[str, int], owner: LoopbackServer[Any, Any]) -> None:
         self.owner = owner
         super().__init__(address, _Handler)
 
@@ -440,7 +245,7 @@ class _Handler(BaseHTTPRequestHandler):
     # socketserver hooks ---------------------------------------------------------------------------
 
     @property
-    def _owner(self) -> OpenRouterServer:
+    def _owner(self) -> LoopbackServer[Any, Any]:
         return cast(_HTTPServer, self.server).owner
 
     @property
@@ -778,10 +583,6 @@ def _parse_json_object(raw: bytes) -> dict[str, Any]:
 
 def _dumps(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def _copy(record: RecordedRequest) -> RecordedRequest:
-    return dataclasses.replace(record, headers=dict(record.headers), body=dict(record.body))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     """A worker silent this long is presumed dead and its unacked messages are requeued, in milliseconds."""
     shutdown_grace_s: Annotated[int, Field(ge=0)] = 20
     """On SIGTERM, running jobs may go on this long before they are handed back to the queue, in seconds."""
+    worker_poll_interval_ms: Annotated[int, Field(ge=10, le=1000)] = 20
+    """The longest an idle queue consumer sleeps between Redis polls, in milliseconds."""
     cancel_signals: bool = True
     """Signal cancels to the owning worker over Redis pub/sub; off, workers notice at their next heartbeat."""
     auto_migrate: bool = True

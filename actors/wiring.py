@@ -66,7 +66,7 @@ def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> Redis
             max_backoff=settings.retry_max_backoff_ms,
         ),
         CurrentMessage(),
-        WorkerTuning(prefetch_per_thread=1, poll_interval_ms=20),
+        WorkerTuning(prefetch_per_thread=1, poll_interval_ms=settings.worker_poll_interval_ms),
         LogFormat(log_format=settings.log_format),
         ConfigurationCheck(check=settings.require_provider_key),
         GracefulShutdown(

@@ -21,7 +21,7 @@ from dramatiq.errors import Retry
 
 from actors.cancellation import CancelSignals, CancelWatch
 from actors.payloads import GenerateMessage, PreviewMessage
-from middleware.metrics import JobObserver, NoMetrics
+from middleware.metrics import JobObserver
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
 from repositories.store import Job, JobKind, JobStatus, JobStore
@@ -119,7 +119,7 @@ class JobRunner:
         observer: JobObserver | None = None,
     ) -> None:
         self.store = store
-        self.observer: JobObserver = observer or NoMetrics()
+        self.observer: JobObserver = observer or JobObserver()
         self.cancel_signals = cancel_signals
         self._active: set[CancelWatch] = set()
         self._active_lock = threading.Lock()

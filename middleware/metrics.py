@@ -9,7 +9,6 @@ job starts, provider latency, tokens, cost, and the throttled jobs waiting per a
 from __future__ import annotations
 
 import logging
-from typing import Protocol
 
 import dramatiq
 
@@ -21,8 +20,8 @@ WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 360
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900)
 
 
-class JobObserver(Protocol):
-    """What the job runner reports; the default observer does nothing."""
+class JobObserver:
+    """What the job runner reports about jobs; this base observer ignores it all (metrics off)."""
 
     def job_started(self, kind: str, wait_s: float) -> None:
         """A job's first attempt began ``wait_s`` seconds after it was created."""
@@ -43,29 +42,7 @@ class JobObserver(Protocol):
         """A job reached a final status."""
 
 
-class NoMetrics:
-    """The observer used when metrics are off."""
-
-    def job_started(self, kind: str, wait_s: float) -> None:
-        """Nothing."""
-
-    def attempt_finished(
-        self,
-        kind: str,
-        provider: str,
-        outcome: str,
-        duration_s: float,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        cost: float | None = None,
-    ) -> None:
-        """Nothing."""
-
-    def job_finished(self, kind: str, provider: str, status: str) -> None:
-        """Nothing."""
-
-
-class JobMetrics(dramatiq.Middleware):
+class JobMetrics(dramatiq.Middleware, JobObserver):
     """Creates the job metrics in each worker process (after Dramatiq's ``Prometheus`` set multiprocess mode).
 
     It is also the job runner's observer, and the throttle's sink for the waiting gauge.

@@ -1,4 +1,4 @@
-"""Find processes that belong to a directory tree (their working directory or command line is in it)."""
+"""Find processes of the machine: those under a directory tree, and Claude Code CLI processes."""
 
 from __future__ import annotations
 
@@ -21,4 +21,23 @@ def processes_under(root: Path) -> list[tuple[int, str]]:
             continue
         if state != "Z" and (marker in cmdline or cwd.startswith(marker)):
             found.append((int(entry.name), cmdline.strip()))
+    return found
+
+
+def claude_processes() -> list[tuple[int, int, int, str]]:
+    """``(pid, parent pid, session id, state)`` of every Claude Code CLI process, zombies included."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if not comm.startswith("claude"):
+            continue
+        # The command name in ``stat`` is parenthesised and may hold spaces: split after its closing paren.
+        fields = stat.rsplit(")", 1)[1].split()
+        found.append((int(entry.name), int(fields[1]), int(fields[3]), fields[0]))
     return found

@@ -16,6 +16,7 @@ import pytest
 from repositories.chat import ChatRequest, Finished, StreamEvent, TextDelta
 from repositories.claude_agent import DEFAULT_MAX_TOKENS, ClaudeAgentProvider
 from repositories.errors import AttemptTimedOut, ProviderError, RateLimited, Rejected, Unavailable
+from tests.local_processes import claude_processes
 from tests.loopback.anthropic import AnthropicServer, Reply
 from tests.provider_streams import collect, failure_of
 
@@ -27,21 +28,7 @@ MODEL = "claude-loopback-1"
 
 def claude_children() -> list[tuple[int, str]]:
     """``(pid, state)`` of every child of this process that is a Claude Code CLI, zombies included."""
-    me = os.getpid()
-    found: list[tuple[int, str]] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        # The command name in ``stat`` is parenthesised and may hold spaces: split after its closing paren.
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == me and comm.startswith("claude"):
-            found.append((int(entry.name), state))
-    return found
+    return [(pid, state) for pid, parent, _, state in claude_processes() if parent == os.getpid()]
 
 
 @pytest.fixture(scope="module")

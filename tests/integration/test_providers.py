@@ -26,6 +26,7 @@ from settings import Settings
 from tests.conftest import TEST_API_KEY, unique
 from tests.harness import PROJECT_ROOT, WorkerProcess, wait_for_job_status, wait_until, wait_until_no_message_for
 from tests.integration.conftest import WorkerSlot
+from tests.local_processes import claude_processes
 from tests.loopback import anthropic as anthropic_loopback
 from tests.loopback import openrouter as openrouter_loopback
 from tests.loopback.anthropic import AnthropicServer
@@ -247,20 +248,7 @@ def worker_env(
 
 def claude_cli_processes(session_id: int) -> list[int]:
     """Pids of Claude Code CLI processes (zombies included) in the session a worker leads, orphans too."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            comm = (entry / "comm").read_text().strip()
-        except OSError:
-            continue
-        # The command name in ``stat`` is parenthesised and may hold spaces: split after its closing paren.
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == session_id and comm.startswith("claude"):
-            found.append(int(entry.name))
-    return found
+    return [pid for pid, _, session, _ in claude_processes() if session == session_id]
 
 
 @pytest.fixture(scope="module")

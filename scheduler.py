@@ -29,9 +29,21 @@ def send_cleanup() -> None:
     logger.info("cleanup_old_jobs enqueued (message %s)", message.message_id)
 
 
-def build_scheduler(cron: str, *, timezone: str = "UTC") -> BlockingScheduler:
-    """A blocking scheduler with one job: ``send_cleanup`` on the crontab expression ``cron``."""
+def resend_unsent() -> None:
+    """Send the messages of pending jobs whose web process died before sending them."""
+    from actors.api import resend_unsent as resend
+
+    resent = resend()
+    if resent:
+        logger.warning("re-sent %d jobs whose messages were never sent", resent)
+
+
+def build_scheduler(cron: str, *, timezone: str = "UTC", resend_every_s: int = 60) -> BlockingScheduler:
+    """A blocking scheduler: ``send_cleanup`` on the crontab ``cron``, ``resend_unsent`` every ``resend_every_s``."""
     scheduler = BlockingScheduler(timezone=timezone)
+    scheduler.add_job(
+        resend_unsent, "interval", seconds=resend_every_s, id="resend_unsent", coalesce=True, max_instances=1
+    )
     scheduler.add_job(
         send_cleanup,
         CronTrigger.from_crontab(cron, timezone=timezone),

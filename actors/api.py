@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import dramatiq
@@ -13,7 +14,7 @@ from actors.payloads import GenerateMessage, GenerationParams, JobRef, PreviewMe
 from actors.tasks import generate_llm_response, generate_preview
 from middleware.limiters import UserLoad
 from middleware.throttle import UserThrottle
-from repositories.store import Job, JobKind, JobStatus
+from repositories.store import Job, JobKind, JobStatus, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,24 @@ def _submit(job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], s
         raise
     store.mark_enqueued(job_id)
     logger.info("job enqueued", extra={"job_id": job_id, "user_id": user_id, "kind": str(kind)})
+
+
+def resend_unsent(*, older_than_s: float = 60.0) -> int:
+    """Send the message of every pending job whose sender died between writing it and sending it.
+
+    Run periodically by the scheduler. A duplicate message is harmless: only one can own the job.
+    """
+    store = runtime.current().store
+    resent = 0
+    for job in store.unsent_before(utcnow() - timedelta(seconds=older_than_s)):
+        if job.kind is JobKind.GENERATE:
+            generate_llm_response.send(job_id=job.job_id, user_id=job.user_id, params=job.request)
+        else:
+            generate_preview.send(job_id=job.job_id, user_id=job.user_id, **job.request)
+        store.mark_enqueued(job.job_id)
+        logger.warning("re-sent a job whose message was never sent", extra={"job_id": job.job_id})
+        resent += 1
+    return resent
 
 
 def cancel_job(job_id: str, user_id: str) -> bool:

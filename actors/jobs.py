@@ -240,7 +240,7 @@ class JobRunner:
     ) -> Job | None:
         existing = self.store.get(job_id)
         if existing is None:
-            self.store.create(job_id=job_id, user_id=user_id, kind=kind, request=request)
+            self.store.create(job_id=job_id, user_id=user_id, kind=kind, request=request, enqueued=True)
             job = claim()
             if job is not None:
                 return job

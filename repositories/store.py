@@ -211,9 +211,19 @@ class JobStore:
     # -- creation -------------------------------------------------------------------------------
 
     def create(
-        self, *, job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], now: datetime | None = None
+        self,
+        *,
+        job_id: str,
+        user_id: str,
+        kind: JobKind,
+        request: dict[str, Any],
+        now: datetime | None = None,
+        enqueued: bool = False,
     ) -> bool:
-        """Insert a pending job unless one with this id exists; True when this call created it."""
+        """Insert a pending job unless one with this id exists; True when this call created it.
+
+        ``enqueued`` says its message is already in the broker (a worker creating the row of a message).
+        """
         now = now or utcnow()
         values = {
             "job_id": job_id,
@@ -225,6 +235,7 @@ class JobStore:
             "attempts": 0,
             "created_at": now,
             "updated_at": now,
+            "enqueued_at": now if enqueued else None,
         }
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(JobRow).values(values).on_conflict_do_nothing()
@@ -240,6 +251,17 @@ class JobStore:
         """Record that the job's message reached the broker."""
         with self.engine.begin() as connection:
             connection.execute(update(JobRow).where(JobRow.job_id == job_id).values(enqueued_at=utcnow()))
+
+    def unsent_before(self, cutoff: datetime, *, limit: int = 100) -> list[Job]:
+        """Pending jobs created before ``cutoff`` whose message was never confirmed sent (their sender died)."""
+        query = (
+            select(JobRow)
+            .where(JobRow.status == JobStatus.PENDING, JobRow.enqueued_at.is_(None), JobRow.created_at < cutoff)
+            .order_by(JobRow.created_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [Job.from_row(row) for row in connection.execute(query).all()]
 
     def delete_unsent(self, job_id: str) -> None:
         """Remove a pending job whose message never reached the broker, so the same id can be sent again."""

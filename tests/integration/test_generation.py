@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from actors import enqueue_generation, generate_llm_response, get_job
-from repositories.store import JobStatus
+from actors.api import resend_unsent
+from repositories.store import JobKind, JobStatus, utcnow
 from tests.conftest import TEST_API_KEY, unique
 from tests.integration.conftest import Stack, params, wait_until
 from tests.loopback.openrouter import USAGE_COST, Reply
@@ -138,3 +141,30 @@ def test_no_prompt_reaches_the_worker_log(stack: Stack) -> None:
     params_with_secret["messages"][0]["content"] += " PRIVATE-DIARY-ENTRY"
     stack.wait_for_status(enqueue_generation(user_id="u1", params=params_with_secret, job_id=key))
     assert "PRIVATE-DIARY-ENTRY" not in stack.worker.log()
+
+
+def test_a_job_whose_sender_died_before_sending_is_sent_by_the_sweep(stack: Stack) -> None:
+    # Given a pending row whose web process died before it could send the message
+    key = unique("job")
+    stack.server.script_for(key, Reply.ok("rescued"))
+    two_minutes_ago = utcnow() - timedelta(minutes=2)
+    stack.store.create(job_id=key, user_id="u1", kind=JobKind.GENERATE, request=params(key), now=two_minutes_ago)
+    # When the scheduler's sweep runs
+    assert resend_unsent() >= 1
+    # Then the job runs, once
+    job = stack.wait_for_status(key)
+    assert job.status is JobStatus.COMPLETED
+    assert job.content == "rescued"
+    resend_unsent()
+    stack.wait_until_no_message_for(key)
+    assert len(stack.server.requests_for(key)) == 1
+
+
+def test_a_row_created_by_the_worker_is_never_resent(stack: Stack) -> None:
+    # Given a job sent by web code straight to the actor, failing once with a long Retry-After
+    key = unique("job")
+    stack.server.script_for(key, Reply.error(503, retry_after="3"), Reply.ok("after the wait"))
+    generate_llm_response.send(job_id=key, user_id="u1", params=params(key))
+    wait_until(lambda: (job := stack.store.get(key)) and job.status is JobStatus.PENDING and job.attempts == 1)
+    # When the sweep runs while it waits for its retry / Then it is not sent again early
+    assert key not in [job.job_id for job in stack.store.unsent_before(utcnow() + timedelta(minutes=5))]

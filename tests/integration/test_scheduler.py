@@ -22,6 +22,12 @@ def test_the_trigger_follows_the_crontab_expression() -> None:
     assert upcoming == datetime(2026, 11, 29, 2, 0, tzinfo=UTC)
 
 
+def test_the_scheduler_also_sweeps_unsent_jobs_every_minute() -> None:
+    job = build_scheduler("0 2 * * *").get_job("resend_unsent")
+    assert job is not None
+    assert job.trigger.interval.total_seconds() == 60
+
+
 def test_the_scheduled_job_enqueues_the_cleanup_message() -> None:
     # Given an empty control queue
     actors.broker.flush("llm_control")

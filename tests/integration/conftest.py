@@ -56,9 +56,17 @@ class Stack:
         wait_until_no_message_for(actors.broker.client, job_id, timeout=timeout)
 
     @contextlib.contextmanager
-    def other_workers(self, count: int, name: str, **env: str) -> Iterator[list[WorkerProcess]]:
-        """Replace the session worker with ``count`` workers started with extra environment, then restore it."""
+    def other_workers(
+        self, count: int, name: str, *, fresh_queues: bool = False, **env: str
+    ) -> Iterator[list[WorkerProcess]]:
+        """Replace the session worker with ``count`` workers started with extra environment, then restore it.
+
+        With ``fresh_queues`` the Redis database is emptied first, so that no message left by an earlier
+        test (a delayed retry, say) reaches these workers: for tests that count what the workers did.
+        """
         self.worker.stop()
+        if fresh_queues:
+            actors.broker.client.flushdb()
         workers: list[WorkerProcess] = []
         try:
             for index in range(count):

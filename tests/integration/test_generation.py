@@ -168,3 +168,7 @@ def test_a_row_created_by_the_worker_is_never_resent(stack: Stack) -> None:
     wait_until(lambda: (job := stack.store.get(key)) and job.status is JobStatus.PENDING and job.attempts == 1)
     # When the sweep runs while it waits for its retry / Then it is not sent again early
     assert key not in [job.job_id for job in stack.store.unsent_before(utcnow() + timedelta(minutes=5))]
+    # And its own retry still completes it, once (nor is it left behind for a later test's worker)
+    assert stack.wait_for_status(key).status is JobStatus.COMPLETED
+    stack.wait_until_no_message_for(key)
+    assert len(stack.server.requests_for(key)) == 2

@@ -39,7 +39,8 @@ def test_metrics_count_jobs_tokens_and_latency_after_a_few_jobs(stack: Stack, tm
         "dramatiq_prom_port": str(port),
         "dramatiq_prom_db": str(tmp_path / "prom"),
     }
-    with stack.other_workers(1, "metrics", **env):
+    # (fresh queues: the counters must count this test's jobs, not a retry left over by an earlier test)
+    with stack.other_workers(1, "metrics", fresh_queues=True, **env):
         # Given three completed generations, one failed one and a preview kept as is
         for _ in range(3):
             key = unique("job")

@@ -72,7 +72,7 @@ def test_a_killed_workers_slots_come_back_within_the_lease_while_the_user_keeps_
     user = unique("user")
     stalled = unique("stalled")
     env = {"GENERATE_USER_CONCURRENCY": "1", "THROTTLE_LEASE_S": "3"}
-    with stack.other_workers(1, "doomed-throttle", **env) as (doomed,):
+    with stack.other_workers(1, "doomed-throttle", fresh_queues=False, **env) as (doomed,):
         # Given the user's only slot held by a job on a worker that is then killed
         stack.server.script_for(stalled, Reply.ok("a", stall_after_chunks=1), Reply.ok("second life"))
         enqueue_generation(user_id=user, params=params(stalled), job_id=stalled)

@@ -7,7 +7,6 @@ import logging
 
 import dramatiq
 import redis
-from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -29,7 +28,7 @@ from middleware.log_format import LogFormat
 from middleware.metrics import JobMetrics
 from middleware.startup import ConfigurationCheck
 from middleware.throttle import UserThrottle
-from middleware.worker_tuning import WorkerTuning
+from middleware.worker_tuning import WakingRedisBroker, WorkerTuning
 from repositories.chat import ChatProvider
 from repositories.migrations import upgrade_database
 from repositories.openrouter import OpenRouterProvider
@@ -44,7 +43,7 @@ logger = logging.getLogger(__name__)
 MAINTENANCE_CHANCE = 100_000
 
 
-def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> RedisBroker:
+def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> WakingRedisBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages."""
     client = redis.Redis.from_url(settings.redis_url)
     middleware: list[dramatiq.Middleware] = [
@@ -80,7 +79,7 @@ def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> Redis
         # Dramatiq runs after_* hooks in reverse order: Prometheus must switch prometheus_client to
         # multiprocess mode at process boot before JobMetrics creates its metrics.
         middleware += [metrics, Prometheus()]
-    return RedisBroker(  # type: ignore[no-untyped-call]
+    return WakingRedisBroker(
         url=settings.redis_url,
         middleware=middleware,
         heartbeat_timeout=settings.broker_heartbeat_timeout_ms,

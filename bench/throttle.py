@@ -24,6 +24,7 @@ from typing import Any, cast
 BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 REPLY_SECONDS = 0.3
 LIMIT = 5
+MODES = ("middleware", "polling", "naive")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -43,7 +44,11 @@ def peak_overlap(intervals: list[tuple[float, float]]) -> int:
 
 
 def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: Path) -> dict[str, Any]:
-    """Run the workload through ``mode`` (``middleware`` or ``naive``) and measure it."""
+    """Run the workload through ``mode`` and measure it.
+
+    Modes: ``middleware`` (UserThrottle as deployed), ``polling`` (the same with the broker's idle-consumer
+    wake-ups off, so handed-off messages are found by polling alone), ``naive`` (the stock limiter).
+    """
     import actors
     from actors import enqueue_generation, runtime
     from actors.wiring import actor_options, build_runtime
@@ -73,6 +78,7 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
             "OPENROUTER_API_KEY": "bench",
             "GENERATE_USER_CONCURRENCY": str(LIMIT),
             "PYTHONUNBUFFERED": "1",
+            "BENCH_WAKE_IDLE_CONSUMERS": "false" if mode == "polling" else "true",
         }
         worker = WorkerProcess(
             env, workdir / f"worker-{mode}.log", threads=threads, actors_module="bench.throttle_actors"
@@ -83,7 +89,7 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
             for user_id, job_id, _ in jobs:
                 params = {"model": "m", "messages": [{"role": "user", "content": f"go [[{job_id}]]"}]}
                 enqueued[job_id] = time.time()
-                if mode == "middleware":
+                if mode in ("middleware", "polling"):
                     enqueue_generation(user_id=user_id, params=params, job_id=job_id)
                 else:
                     generate_naive.send(job_id=job_id, user_id=user_id, params=params)
@@ -123,6 +129,7 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
         first_request[j] - enqueued[j] for j, kind in kinds.items() if kind == "light" and j in first_request
     ]
     redelivered = [count - 1 for count in deliveries.values() if count > 1]
+    heavy_busy = sum(end - start for start, end in intervals[f"heavy-{run}"])
     return {
         "makespan": makespan,
         "ideal": ideal,
@@ -135,20 +142,24 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
         "throttled_jobs": len(redelivered),
         "failed": len(jobs) - sum(1 for job in rows.values() if job.status is JobStatus.COMPLETED),
         "jobs": len(jobs),
+        # what the heavy user's slots spend outside provider requests, per job: claim, writes, handoff
+        "heavy_gap_ms": (makespan * LIMIT - heavy_busy) / heavy * 1000,
+        "heavy_request_ms": heavy_busy / heavy * 1000,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run both modes and print a Markdown table."""
+    """Run the modes and print a Markdown table, one column per mode."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--heavy", type=int, default=300)
     parser.add_argument("--light-users", type=int, default=30)
     parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     args = parser.parse_args(argv)
     os.environ["REDIS_URL"] = BENCH_REDIS_URL
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench-throttle-") as tmp:
-        for mode in ("middleware", "naive"):
+        for mode in args.modes:
             results[mode] = run_mode(
                 mode, heavy=args.heavy, light_users=args.light_users, threads=args.threads, workdir=Path(tmp)
             )
@@ -157,15 +168,22 @@ def main(argv: list[str] | None = None) -> int:
         f"provider {REPLY_SECONDS * 1000:.0f} ms per job, limit {LIMIT} per user, "
         f"1 worker process x {args.threads} threads"
     )
-    print("| measure | UserThrottle middleware | naive ConcurrentRateLimiter in the actor |")
-    print("|---|---|---|")
-    m, n = results["middleware"], results["naive"]
+    headers = {
+        "middleware": "UserThrottle middleware",
+        "polling": "the same, idle consumers polling only",
+        "naive": "naive ConcurrentRateLimiter in the actor",
+    }
+    print("| measure | " + " | ".join(headers[mode] for mode in args.modes) + " |")
+    print("|---" * (len(args.modes) + 1) + "|")
+    ordered = [results[mode] for mode in args.modes]
     rows = [
         ("makespan (s)", "{makespan:.1f}"),
         ("ideal lower bound (s)", "{ideal:.1f}"),
         ("makespan / ideal", None),
         ("light users' wait before start, p50 (ms)", None),
         ("light users' wait before start, p95 (ms)", None),
+        ("heavy user's provider request, mean (ms)", "{heavy_request_ms:.0f}"),
+        ("heavy user's slot time outside requests, per job (ms)", "{heavy_gap_ms:.0f}"),
         ("peak concurrency, heavy user", "{peak_heavy}"),
         ("peak concurrency, any light user", "{peak_light}"),
         ("redeliveries per job (all jobs)", "{redeliveries_per_job:.2f}"),
@@ -175,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, template in rows:
         if label == "makespan / ideal":
-            cells = [f"{r['makespan'] / r['ideal']:.3f}" for r in (m, n)]
+            cells = [f"{r['makespan'] / r['ideal']:.3f}" for r in ordered]
         elif label.startswith("light users' wait"):
             field = "light_p50" if "p50" in label else "light_p95"
-            cells = [f"{r[field] * 1000:.0f}" for r in (m, n)]
+            cells = [f"{r[field] * 1000:.0f}" for r in ordered]
         else:
             assert template is not None
-            cells = [template.format(**r) for r in (m, n)]
-        print(f"| {label} | {cells[0]} | {cells[1]} |")
+            cells = [template.format(**r) for r in ordered]
+        print(f"| {label} | {' | '.join(cells)} |")
     return 0
 
 

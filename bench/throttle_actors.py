@@ -37,6 +37,10 @@ class DeliveryCounter(dramatiq.Middleware):
 
 actors.broker.add_middleware(DeliveryCounter(), before=UserThrottle)
 
+if os.environ.get("BENCH_WAKE_IDLE_CONSUMERS") == "false":
+    # The baseline of the wake-ups: idle consumers find handed-off messages by polling alone.
+    actors.broker.wake_idle_consumers = False
+
 _backend = RedisBackend(client=_client)
 
 

@@ -31,7 +31,7 @@ def enqueue_generation(user_id: str, params: GenerationParams | dict[str, Any], 
         message.user_id,
         JobKind.GENERATE,
         payload["params"],
-        lambda: generate_llm_response.send(**payload),
+        lambda: _send(generate_llm_response, payload),
     )
     return message.job_id
 
@@ -45,7 +45,7 @@ def enqueue_preview(user_id: str, title: str, content: str, *, job_id: str | Non
         message.user_id,
         JobKind.PREVIEW,
         {"title": title, "content": content},
-        lambda: generate_preview.send(**payload),
+        lambda: _send(generate_preview, payload),
     )
     return message.job_id
 
@@ -70,6 +70,18 @@ def _submit(job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], s
     logger.info("job enqueued", extra={"job_id": job_id, "user_id": user_id, "kind": str(kind)})
 
 
+def _send(actor: dramatiq.Actor[..., Any], kwargs: dict[str, Any]) -> None:
+    """``actor.send(**kwargs)``, except that a user with parked jobs gets this one parked behind them."""
+    message = actor.message(**kwargs)
+    throttle = _throttle(actor.broker)
+    if throttle is None or not throttle.park_behind_backlog(actor.broker, message):
+        actor.broker.enqueue(message)
+
+
+def _throttle(broker: dramatiq.Broker) -> UserThrottle | None:
+    return next((m for m in broker.middleware if isinstance(m, UserThrottle)), None)
+
+
 def resend_unsent(*, older_than_s: float = 60.0) -> int:
     """Send the message of every pending job whose sender died between writing it and sending it.
 
@@ -79,9 +91,9 @@ def resend_unsent(*, older_than_s: float = 60.0) -> int:
     resent = 0
     for job in store.unsent_before(utcnow() - timedelta(seconds=older_than_s)):
         if job.kind is JobKind.GENERATE:
-            generate_llm_response.send(job_id=job.job_id, user_id=job.user_id, params=job.request)
+            _send(generate_llm_response, {"job_id": job.job_id, "user_id": job.user_id, "params": job.request})
         else:
-            generate_preview.send(job_id=job.job_id, user_id=job.user_id, **job.request)
+            _send(generate_preview, {"job_id": job.job_id, "user_id": job.user_id, **job.request})
         store.mark_enqueued(job.job_id)
         logger.warning("re-sent a job whose message was never sent", extra={"job_id": job.job_id})
         resent += 1
@@ -108,7 +120,5 @@ def get_job(job_id: str, user_id: str | None = None) -> Job | None:
 
 def user_loads() -> list[UserLoad]:
     """Jobs running and waiting for a throttle slot, per actor and user, across every worker."""
-    for middleware in dramatiq.get_broker().middleware:
-        if isinstance(middleware, UserThrottle):
-            return middleware.loads()
-    return []
+    throttle = _throttle(dramatiq.get_broker())
+    return throttle.loads() if throttle is not None else []

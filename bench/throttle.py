@@ -53,10 +53,22 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
     from actors import enqueue_generation, runtime
     from actors.wiring import actor_options, build_runtime
     from bench.throttle_actors import DELIVERIES_KEY, generate_naive
+    from middleware.throttle import UserThrottle
     from repositories.store import JobStatus
     from settings import Settings
     from tests.harness import WorkerProcess, wait_until
     from tests.loopback.openrouter import OpenRouterServer, Reply
+
+    # Count the jobs the API parks as it sends them (they never show up as a redelivery).
+    parked_at_send = [0]
+    park_behind_backlog = UserThrottle.park_behind_backlog
+
+    def counting(self: UserThrottle, broker: Any, message: Any) -> bool:
+        parked = park_behind_backlog(self, broker, message)
+        parked_at_send[0] += parked
+        return parked
+
+    UserThrottle.park_behind_backlog = counting  # type: ignore[method-assign]
 
     database_url = f"sqlite:///{workdir / f'throttle-{mode}.db'}"
     settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL)
@@ -121,6 +133,7 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
         job_id = request.last_message_text.split("[[")[-1].rstrip("]")
         first_request.setdefault(job_id, request.received_at)
         intervals[users[job_id]].append((request.received_at, request.closed_at or request.received_at))
+    UserThrottle.park_behind_backlog = park_behind_backlog  # type: ignore[method-assign]
     rows = {job.job_id: job for job in store.list_jobs(limit=len(jobs) + 10)}
     makespan = max(job.finished_at.timestamp() for job in rows.values() if job.finished_at) - started
     total_work = len(jobs) * REPLY_SECONDS
@@ -129,6 +142,7 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
         first_request[j] - enqueued[j] for j, kind in kinds.items() if kind == "light" and j in first_request
     ]
     redelivered = [count - 1 for count in deliveries.values() if count > 1]
+    throttled = len(redelivered) + parked_at_send[0]
     heavy_busy = sum(end - start for start, end in intervals[f"heavy-{run}"])
     return {
         "makespan": makespan,
@@ -138,8 +152,10 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
         "peak_heavy": max(peak_overlap(intervals[f"heavy-{run}"]), 0),
         "peak_light": max(peak_overlap(v) for k, v in intervals.items() if k.startswith("light")),
         "redeliveries_per_job": sum(redelivered) / len(jobs),
-        "redeliveries_per_throttled_job": (sum(redelivered) / len(redelivered)) if redelivered else 0.0,
-        "throttled_jobs": len(redelivered),
+        "redeliveries_per_throttled_job": (sum(redelivered) / throttled) if throttled else 0.0,
+        "throttled_jobs": throttled,
+        "parked_by_worker": len(redelivered),
+        "parked_at_send": parked_at_send[0],
         "failed": len(jobs) - sum(1 for job in rows.values() if job.status is JobStatus.COMPLETED),
         "jobs": len(jobs),
         # what the heavy user's slots spend outside provider requests, per job: claim, writes, handoff
@@ -189,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         ("redeliveries per job (all jobs)", "{redeliveries_per_job:.2f}"),
         ("redeliveries per throttled job", "{redeliveries_per_throttled_job:.2f}"),
         ("jobs throttled at least once", "{throttled_jobs}"),
+        ("... parked by the API as they were sent (delivered once)", "{parked_at_send}"),
+        ("... parked or refused by a worker (redelivered)", "{parked_by_worker}"),
         ("jobs not completed (failed or lost)", "{failed} of {jobs}"),
     ]
     for label, template in rows:

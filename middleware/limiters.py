@@ -79,6 +79,10 @@ class LeaseStore(Protocol):
         """Take (or keep) a slot for ``holder``; when full, park ``parked_entry`` (if given) and return False."""
         ...
 
+    def park_behind(self, key: str, parked_entry: bytes) -> bool:
+        """Park the entry behind the key's parked messages if any wait; False, and nothing written, if none do."""
+        ...
+
     def release(self, key: str, holder: str | None, *, limit: int, lease_ms: int) -> list[bytes]:
         """Free ``holder``'s slot and hand free slots to parked messages; return their bodies to enqueue."""
         ...
@@ -133,6 +137,14 @@ end
 return 0
 """
 
+_PARK_BEHIND = """
+local parked, parked_keys, key_id, entry = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+if redis.call('llen', parked) == 0 then return 0 end
+redis.call('rpush', parked, entry)
+redis.call('sadd', parked_keys, key_id)
+return 1
+"""
+
 _RELEASE = """
 local leases, parked, parked_keys, handoffs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -163,6 +175,7 @@ class RedisLeaseStore:
         self._ns = namespace
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._park_behind = client.register_script(_PARK_BEHIND)
 
     def _keys(self, key: str) -> tuple[str, str]:
         return f"{self._ns}:leases:{key}", f"{self._ns}:parked:{key}"
@@ -187,6 +200,11 @@ class RedisLeaseStore:
             args=[now_ms(), lease_ms, limit, holder, parked_entry or b"", key],
         )
         return bool(result)
+
+    def park_behind(self, key: str, parked_entry: bytes) -> bool:
+        """Join the key's queue of parked messages, if it has one."""
+        _, parked = self._keys(key)
+        return bool(self._park_behind(keys=[parked, self._parked_keys], args=[key, parked_entry]))
 
     def release(self, key: str, holder: str | None, *, limit: int, lease_ms: int) -> list[bytes]:
         """Free a slot and hand free slots to parked messages, oldest first."""
@@ -279,6 +297,15 @@ class MemoryLeaseStore:
                 state.parked.append(parked_entry)
                 state.limit = limit
             return False
+
+    def park_behind(self, key: str, parked_entry: bytes) -> bool:
+        """Join the key's queue of parked messages, if it has one."""
+        with self._lock:
+            state = self._keys.get(key)
+            if state is None or not state.parked:
+                return False
+            state.parked.append(parked_entry)
+            return True
 
     def release(self, key: str, holder: str | None, *, limit: int, lease_ms: int) -> list[bytes]:
         """Free a slot and hand free slots to parked messages, oldest first."""

@@ -5,7 +5,8 @@ queue; this middleware instead decides before the actor runs. A message over its
 parked with the limiter and acked (``SkipMessage``), so it holds no worker thread and no retry while
 it waits. When a job of that user ends, its slot passes straight to the oldest parked message, which
 is enqueued again already holding the slot: one redelivery per throttled job, and other users'
-messages never wait behind a parked backlog.
+messages never wait behind a parked backlog. A message sent through the API while its user already
+has a backlog joins the back of it directly (``park_behind_backlog``) and is delivered only once.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def user_of(message: Any) -> str | None:
     if user_id is None and len(message.args) > 1:
         user_id = message.args[1]
     return user_id if isinstance(user_id, str) and user_id else None
+
+
+def parked_entry(message: Any) -> bytes:
+    """What a parked message is stored as: its id, a newline, the encoded message (see ``split_entry``)."""
+    return bytes(message.message_id.encode() + b"\n" + message.encode())
 
 
 class UserThrottle(dramatiq.Middleware):
@@ -104,7 +110,7 @@ class UserThrottle(dramatiq.Middleware):
             return
         key = f"{message.actor_name}:{user_id}"
         if isinstance(limit, ConcurrencyLimit):
-            entry = message.message_id.encode() + b"\n" + message.encode()
+            entry = parked_entry(message)
             if self.leases.acquire(
                 key, message.message_id, limit=limit.limit, lease_ms=self.lease_ms, parked_entry=entry
             ):
@@ -130,6 +136,24 @@ class UserThrottle(dramatiq.Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         """A message skipped after it took a slot (by a later middleware) gives the slot back too."""
         self._release(broker, message.message_id)
+
+    # -- the sending side -----------------------------------------------------------------------
+
+    def park_behind_backlog(self, broker: dramatiq.Broker, message: Any) -> bool:
+        """Park a message being sent behind its user's parked messages, if any; True when parked.
+
+        Called by the API instead of enqueueing when it sends a job. A user with a backlog is at its
+        limit, so a worker would only fetch this message to park it: parking it here saves that
+        delivery, and keeps its place in line. With no backlog nothing is written and the caller
+        enqueues as usual; the worker decides against the limit (which the sender need not know).
+        """
+        limit, user_id = self._limit_for(broker, message)
+        if not isinstance(limit, ConcurrencyLimit) or user_id is None:
+            return False
+        if not self.leases.park_behind(f"{message.actor_name}:{user_id}", parked_entry(message)):
+            return False
+        logger.info("job parked at enqueue behind the user's backlog", extra={"user_id": user_id})
+        return True
 
     # -- visibility -----------------------------------------------------------------------------
 

@@ -135,3 +135,32 @@ def test_running_and_waiting_jobs_per_user_can_be_read_from_code(stack: Stack) -
         for key in keys[1:]:
             assert stack.wait_for_status(key, timeout=20).status is JobStatus.COMPLETED
     assert not [x for x in user_loads() if x.user_id == user]
+
+
+def test_a_job_sent_while_its_user_has_a_backlog_is_parked_by_the_sender_not_by_a_worker(stack: Stack) -> None:
+    with stack.other_workers(1, "park-at-send", GENERATE_USER_CONCURRENCY="1") as (worker,):
+        user = unique("user")
+        running, first, later = unique("running"), unique("first"), [unique("later") for _ in range(3)]
+        # Given the user's only slot held by a stalled stream, and one job parked by the worker
+        stack.server.script_for(running, Reply.ok("a", stall_after_chunks=1))
+        enqueue_generation(user_id=user, params=params(running), job_id=running)
+        wait_until(lambda: stack.server.requests_for(running), timeout=15)
+        stack.server.script_for(first, Reply.ok("first"))
+        enqueue_generation(user_id=user, params=params(first), job_id=first)
+        wait_until(lambda: any(x.user_id == user and x.waiting == 1 for x in user_loads()), timeout=15)
+        # When three more jobs of the user are sent through the API
+        for key in later:
+            stack.server.script_for(key, Reply.ok("later"))
+            enqueue_generation(user_id=user, params=params(key), job_id=key)
+        # Then they wait behind the first without any worker receiving them
+        assert [(x.running, x.waiting) for x in user_loads() if x.user_id == user] == [(1, 4)]
+        assert cancel_job(running, user_id=user)
+        finished = [stack.wait_for_status(key, timeout=20) for key in [first, *later]]
+        log = worker.log()
+    assert all(job.status is JobStatus.COMPLETED and job.attempts == 1 for job in finished)
+    # in order, one at a time
+    starts = [stack.server.requests_for(key)[0].received_at for key in [first, *later]]
+    assert starts == sorted(starts)
+    # and the worker parked only the first: the others reached it once, already holding their slot
+    parked_by_worker = [line for line in log.splitlines() if "job parked" in line and f"user_id={user}" in line]
+    assert len(parked_by_worker) == 1

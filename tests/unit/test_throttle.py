@@ -144,6 +144,39 @@ def test_a_released_slot_goes_to_the_oldest_parked_message() -> None:
     assert not store.acquire("a:u", "m9", limit=1, lease_ms=10_000, parked_entry=None)
 
 
+def test_a_message_sent_behind_a_backlog_is_parked_in_line_and_without_one_nothing_is_written(
+    stub: tuple[StubBroker, UserThrottle, Tracker],
+) -> None:
+    broker, throttle, tracker = stub
+    actor = _work_actor(broker, tracker, ConcurrencyLimit(1), 0.0)
+    store = throttle.leases
+    # Given no backlog: the sender is told to enqueue, and nothing is parked
+    assert not throttle.park_behind_backlog(broker, actor.message("job-0", "u"))
+    assert store.loads() == []
+    # Given one running job of the user and one parked by a worker
+    assert store.acquire("work:u", "m1", limit=1, lease_ms=10_000, parked_entry=None)
+    assert not store.acquire("work:u", "m2", limit=1, lease_ms=10_000, parked_entry=b"m2\nbody2")
+    # When the sender sends another job of that user
+    sent = actor.message("job-3", "u")
+    assert throttle.park_behind_backlog(broker, sent)
+    # Then it waits behind the parked one, and the slot reaches it second, as the same message
+    assert store.loads() == [UserLoad("work", "u", running=1, waiting=2)]
+    assert [split_entry(e)[0] for e in store.release("work:u", "m1", limit=1, lease_ms=10_000)] == ["m2"]
+    handed = store.release("work:u", "m2", limit=1, lease_ms=10_000)
+    assert [split_entry(e) for e in handed] == [(sent.message_id, sent.encode())]
+    # And another user's message, or one of an actor without a limit, is never parked by the sender
+    assert not throttle.park_behind_backlog(broker, actor.message("job-4", "someone-else"))
+    unlimited = _work_actor_named(broker, tracker, "free")
+    assert not throttle.park_behind_backlog(broker, unlimited.message("job-5", "u"))
+
+
+def _work_actor_named(broker: StubBroker, tracker: Tracker, name: str) -> dramatiq.Actor[[str, str], None]:
+    def free(job: str, user_id: str) -> None:
+        tracker.enter(user_id, job)
+
+    return dramatiq.actor(broker=broker, actor_name=name)(free)
+
+
 def test_an_expired_lease_frees_its_slot_and_a_renewed_one_does_not() -> None:
     store = MemoryLeaseStore()
     assert store.acquire("a:u", "dead", limit=1, lease_ms=50, parked_entry=None)

@@ -13,7 +13,7 @@ from actors import runtime
 from actors.payloads import GenerateMessage, GenerationParams, JobRef, PreviewMessage, new_job_id
 from actors.tasks import generate_llm_response, generate_preview
 from middleware.limiters import UserLoad
-from middleware.throttle import UserThrottle
+from middleware.throttle import throttle_of
 from repositories.store import Job, JobKind, JobStatus, utcnow
 
 logger = logging.getLogger(__name__)
@@ -73,13 +73,9 @@ def _submit(job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], s
 def _send(actor: dramatiq.Actor[..., Any], kwargs: dict[str, Any]) -> None:
     """``actor.send(**kwargs)``, except that a user with parked jobs gets this one parked behind them."""
     message = actor.message(**kwargs)
-    throttle = _throttle(actor.broker)
+    throttle = throttle_of(actor.broker)
     if throttle is None or not throttle.park_behind_backlog(actor.broker, message):
         actor.broker.enqueue(message)
-
-
-def _throttle(broker: dramatiq.Broker) -> UserThrottle | None:
-    return next((m for m in broker.middleware if isinstance(m, UserThrottle)), None)
 
 
 def resend_unsent(*, older_than_s: float = 60.0) -> int:
@@ -120,5 +116,5 @@ def get_job(job_id: str, user_id: str | None = None) -> Job | None:
 
 def user_loads() -> list[UserLoad]:
     """Jobs running and waiting for a throttle slot, per actor and user, across every worker."""
-    throttle = _throttle(dramatiq.get_broker())
+    throttle = throttle_of(dramatiq.get_broker())
     return throttle.loads() if throttle is not None else []

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import dramatiq
+
 from actors.cancellation import CancelSignals, cancel
 from actors.jobs import JobRunner
 from middleware.limiters import ConcurrencyLimit, UserLimit
+from middleware.throttle import throttle_of
 from repositories.store import JobStore
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +27,20 @@ class Runtime:
     cancel_signals: CancelSignals | None
 
     def cancel(self, job_id: str, user_id: str) -> bool:
-        """Cancel the user's pending or processing job and signal the worker running it."""
+        """Cancel the user's pending or processing job, signal the worker running it, and take the job out
+        of the throttle's line if it waits there."""
         publish = self.cancel_signals.publish if self.cancel_signals is not None else None
-        return cancel(self.store, job_id, user_id, publish=publish)
+        if not cancel(self.store, job_id, user_id, publish=publish):
+            return False
+        broker = dramatiq.get_broker()
+        throttle = throttle_of(broker)
+        if throttle is not None:
+            try:
+                throttle.drop_parked(broker, job_id, user_id)
+            except Exception:
+                # The cancel is committed: a parked message left behind is dropped when its slot comes.
+                logger.warning("could not take a cancelled job out of the throttle's line", exc_info=True)
+        return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,14 @@ class LeaseStore(Protocol):
         """Keys with parked messages, and the limit they were parked under."""
         ...
 
+    def parked(self, key: str) -> list[bytes]:
+        """The key's parked entries, oldest first."""
+        ...
+
+    def unpark(self, key: str, parked_entry: bytes) -> bool:
+        """Take one parked entry out of line; False if it is no longer parked (handed off meanwhile)."""
+        ...
+
     def handed_off(self, body_id: str) -> None:
         """Forget a handed-off message once it is safely enqueued."""
         ...
@@ -234,6 +242,14 @@ class RedisLeaseStore:
         limits = cast(list[bytes | None], self._client.hmget(self._limits, keys))
         return {key: int(limit or 1) for key, limit in zip(keys, limits, strict=True)}
 
+    def parked(self, key: str) -> list[bytes]:
+        """The key's parked entries, oldest first."""
+        return list(cast(list[bytes], self._client.lrange(self._keys(key)[1], 0, -1)))
+
+    def unpark(self, key: str, parked_entry: bytes) -> bool:
+        """Remove the entry from the parked list (atomic: a concurrent handoff takes it or this does)."""
+        return bool(self._client.lrem(self._keys(key)[1], 1, parked_entry))  # type: ignore[arg-type]  # bytes work
+
     def handed_off(self, body_id: str) -> None:
         """Drop the safety copy of a handed-off message."""
         self._client.hdel(self._handoffs, body_id)
@@ -337,6 +353,21 @@ class MemoryLeaseStore:
         """Keys with parked messages and their limits."""
         with self._lock:
             return {key: state.limit for key, state in self._keys.items() if state.parked}
+
+    def parked(self, key: str) -> list[bytes]:
+        """The key's parked entries, oldest first."""
+        with self._lock:
+            state = self._keys.get(key)
+            return list(state.parked) if state is not None else []
+
+    def unpark(self, key: str, parked_entry: bytes) -> bool:
+        """Remove the entry from the parked list."""
+        with self._lock:
+            state = self._keys.get(key)
+            if state is None or parked_entry not in state.parked:
+                return False
+            state.parked.remove(parked_entry)
+            return True
 
     def handed_off(self, body_id: str) -> None:
         """Drop the safety copy of a handed-off message."""

@@ -43,6 +43,11 @@ def user_of(message: Any) -> str | None:
     return user_id if isinstance(user_id, str) and user_id else None
 
 
+def throttle_of(broker: dramatiq.Broker) -> UserThrottle | None:
+    """The broker's ``UserThrottle``, if it has one."""
+    return next((m for m in broker.middleware if isinstance(m, UserThrottle)), None)
+
+
 def parked_entry(message: Any) -> bytes:
     """What a parked message is stored as: its id, a newline, the encoded message (see ``split_entry``)."""
     return bytes(message.message_id.encode() + b"\n" + message.encode())
@@ -154,6 +159,30 @@ class UserThrottle(dramatiq.Middleware):
             return False
         logger.info("job parked at enqueue behind the user's backlog", extra={"user_id": user_id})
         return True
+
+    def drop_parked(self, broker: dramatiq.Broker, job_id: str, user_id: str) -> int:
+        """Take the parked messages of a cancelled job out of its user's lines; how many were dropped.
+
+        Without this a cancelled job would keep its place until a slot reached it, and only then be
+        dropped by the worker. Messages are matched on their ``job_id`` keyword argument.
+        """
+        dropped = 0
+        for actor_name in self._limited_actors(broker):
+            key = f"{actor_name}:{user_id}"
+            for entry in self.leases.parked(key):
+                _, body = split_entry(entry)
+                if Message.decode(body).kwargs.get("job_id") == job_id and self.leases.unpark(key, entry):
+                    dropped += 1
+        if dropped:
+            logger.info("cancelled job taken out of the throttle's line", extra={"job_id": job_id, "user_id": user_id})
+        return dropped
+
+    def _limited_actors(self, broker: dramatiq.Broker) -> list[str]:
+        return [
+            name
+            for name in sorted(broker.get_declared_actors())
+            if isinstance(broker.get_actor(name).options.get("user_limit"), ConcurrencyLimit)
+        ]
 
     # -- visibility -----------------------------------------------------------------------------
 

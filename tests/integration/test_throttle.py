@@ -164,3 +164,29 @@ def test_a_job_sent_while_its_user_has_a_backlog_is_parked_by_the_sender_not_by_
     # and the worker parked only the first: the others reached it once, already holding their slot
     parked_by_worker = [line for line in log.splitlines() if "job parked" in line and f"user_id={user}" in line]
     assert len(parked_by_worker) == 1
+
+
+def test_a_cancelled_waiting_job_leaves_the_line_at_once_and_never_reaches_the_provider(stack: Stack) -> None:
+    with stack.other_workers(1, "cancel-parked", GENERATE_USER_CONCURRENCY="1"):
+        user = unique("user")
+        running, doomed, kept = unique("running"), unique("doomed"), unique("kept")
+        # Given a running job of the user and two more waiting for its slot
+        stack.server.script_for(running, Reply.ok("a", stall_after_chunks=1))
+        enqueue_generation(user_id=user, params=params(running), job_id=running)
+        wait_until(lambda: stack.server.requests_for(running), timeout=15)
+        for key in (doomed, kept):
+            stack.server.script_for(key, Reply.ok("done"))
+            enqueue_generation(user_id=user, params=params(key), job_id=key)
+        wait_until(lambda: any(x.user_id == user and x.waiting == 2 for x in user_loads()), timeout=15)
+        # When the first waiting job is cancelled
+        assert cancel_job(doomed, user_id=user)
+        # Then it no longer counts as waiting
+        assert [(x.running, x.waiting) for x in user_loads() if x.user_id == user] == [(1, 1)]
+        # And when the slot frees, the next job runs and the cancelled one never reaches the provider
+        assert cancel_job(running, user_id=user)
+        assert stack.wait_for_status(kept, timeout=20).status is JobStatus.COMPLETED
+        stack.wait_until_no_message_for(doomed)
+    assert stack.server.requests_for(doomed) == []
+    cancelled = stack.store.get(doomed)
+    assert cancelled is not None
+    assert cancelled.status is JobStatus.CANCELLED

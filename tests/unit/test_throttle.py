@@ -22,7 +22,7 @@ from middleware.limiters import (
     WindowLimit,
     split_entry,
 )
-from middleware.throttle import UserThrottle, user_of
+from middleware.throttle import UserThrottle, parked_entry, user_of
 
 
 def stub_backend() -> StubBackend:
@@ -168,6 +168,29 @@ def test_a_message_sent_behind_a_backlog_is_parked_in_line_and_without_one_nothi
     assert not throttle.park_behind_backlog(broker, actor.message("job-4", "someone-else"))
     unlimited = _work_actor_named(broker, tracker, "free")
     assert not throttle.park_behind_backlog(broker, unlimited.message("job-5", "u"))
+
+
+def test_a_cancelled_job_is_taken_out_of_the_line_and_the_slot_goes_to_the_next(
+    stub: tuple[StubBroker, UserThrottle, Tracker],
+) -> None:
+    broker, throttle, tracker = stub
+    actor = _work_actor(broker, tracker, ConcurrencyLimit(1), 0.0)
+    store = throttle.leases
+    # Given one running job and two parked behind it
+    assert store.acquire("work:u", "running", limit=1, lease_ms=10_000, parked_entry=None)
+    waiting = [actor.message_with_options(kwargs={"job_id": f"job-{index}", "user_id": "u"}) for index in range(2)]
+    for message in waiting:
+        entry = parked_entry(message)
+        assert not store.acquire("work:u", message.message_id, limit=1, lease_ms=10_000, parked_entry=entry)
+    # When the first waiting job is cancelled
+    assert throttle.drop_parked(broker, "job-0", "u") == 1
+    # Then it has left the line, and the freed slot goes to the other one
+    assert store.loads() == [UserLoad("work", "u", running=1, waiting=1)]
+    handed = store.release("work:u", "running", limit=1, lease_ms=10_000)
+    assert [split_entry(entry)[0] for entry in handed] == [waiting[1].message_id]
+    # And a job that is not parked (or another user's) drops nothing
+    assert throttle.drop_parked(broker, "job-0", "u") == 0
+    assert throttle.drop_parked(broker, "job-1", "someone-else") == 0
 
 
 def _work_actor_named(broker: StubBroker, tracker: Tracker, name: str) -> dramatiq.Actor[[str, str], None]:

@@ -22,7 +22,13 @@ MINUTE_MS = 60_000
 def broker() -> Iterator[WakingRedisBroker]:
     broker = WakingRedisBroker(url=TEST_REDIS_URL, middleware=[])
     yield broker
+    close(broker)
+
+
+def close(broker: WakingRedisBroker) -> None:
+    """Close the broker and its Redis connections (Dramatiq's close leaves the pool open)."""
     broker.close()
+    broker.client.connection_pool.disconnect()
 
 
 class Consuming:
@@ -94,4 +100,4 @@ def test_another_process_enqueue_is_still_found_by_polling(broker: WakingRedisBr
             wait_until(lambda: consuming.received, timeout=10, what="the message to be fetched by polling")
             assert consuming.received[0][1].message_id == sent.message_id
     finally:
-        other.close()
+        close(other)

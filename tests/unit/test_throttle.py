@@ -16,6 +16,7 @@ from dramatiq.rate_limits.backends import StubBackend
 from middleware.limiters import (
     BucketLimit,
     ConcurrencyLimit,
+    LeaseStore,
     MemoryLeaseStore,
     StartRateGate,
     UserLoad,
@@ -147,9 +148,7 @@ def test_a_released_slot_goes_to_the_oldest_parked_message() -> None:
 def test_a_message_sent_behind_a_backlog_is_parked_in_line_and_without_one_nothing_is_written(
     stub: tuple[StubBroker, UserThrottle, Tracker],
 ) -> None:
-    broker, throttle, tracker = stub
-    actor = _work_actor(broker, tracker, ConcurrencyLimit(1), 0.0)
-    store = throttle.leases
+    broker, throttle, actor, store = _limited_to_one(stub)
     # Given no backlog: the sender is told to enqueue, and nothing is parked
     assert not throttle.park_behind_backlog(broker, actor.message("job-0", "u"))
     assert store.loads() == []
@@ -166,16 +165,14 @@ def test_a_message_sent_behind_a_backlog_is_parked_in_line_and_without_one_nothi
     assert [split_entry(e) for e in handed] == [(sent.message_id, sent.encode())]
     # And another user's message, or one of an actor without a limit, is never parked by the sender
     assert not throttle.park_behind_backlog(broker, actor.message("job-4", "someone-else"))
-    unlimited = _work_actor_named(broker, tracker, "free")
+    unlimited = _free_actor(broker)
     assert not throttle.park_behind_backlog(broker, unlimited.message("job-5", "u"))
 
 
 def test_a_cancelled_job_is_taken_out_of_the_line_and_the_slot_goes_to_the_next(
     stub: tuple[StubBroker, UserThrottle, Tracker],
 ) -> None:
-    broker, throttle, tracker = stub
-    actor = _work_actor(broker, tracker, ConcurrencyLimit(1), 0.0)
-    store = throttle.leases
+    broker, throttle, actor, store = _limited_to_one(stub)
     # Given one running job and two parked behind it
     assert store.acquire("work:u", "running", limit=1, lease_ms=10_000, parked_entry=None)
     waiting = [actor.message_with_options(kwargs={"job_id": f"job-{index}", "user_id": "u"}) for index in range(2)]
@@ -193,11 +190,19 @@ def test_a_cancelled_job_is_taken_out_of_the_line_and_the_slot_goes_to_the_next(
     assert throttle.drop_parked(broker, "job-1", "someone-else") == 0
 
 
-def _work_actor_named(broker: StubBroker, tracker: Tracker, name: str) -> dramatiq.Actor[[str, str], None]:
-    def free(job: str, user_id: str) -> None:
-        tracker.enter(user_id, job)
+def _limited_to_one(
+    stub: tuple[StubBroker, UserThrottle, Tracker],
+) -> tuple[StubBroker, UserThrottle, dramatiq.Actor[[str, str], None], LeaseStore]:
+    """The stub broker, its throttle, an actor limited to one job per user, and the throttle's lease store."""
+    broker, throttle, tracker = stub
+    return broker, throttle, _work_actor(broker, tracker, ConcurrencyLimit(1), 0.0), throttle.leases
 
-    return dramatiq.actor(broker=broker, actor_name=name)(free)
+
+def _free_actor(broker: StubBroker) -> dramatiq.Actor[[str, str], None]:
+    def free(job: str, user_id: str) -> None:
+        del job, user_id
+
+    return dramatiq.actor(broker=broker, actor_name="free")(free)
 
 
 def test_an_expired_lease_frees_its_slot_and_a_renewed_one_does_not() -> None:

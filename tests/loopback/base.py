@@ -9,6 +9,8 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
@@ -16,6 +18,72 @@ from typing import Any, ClassVar, Generic, Protocol, Self, TypeVar
 logger = logging.getLogger(__name__)
 
 _STOP_JOIN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    """What every loopback server's scripted reply has: the text pieces, their pacing, and the failures.
+
+    When several of ``error_after_chunks`` / ``drop_after_chunks`` / ``stall_after_chunks`` are set, the
+    one with the smallest count fires (ties: error, then drop, then stall); counts above ``len(chunks)``
+    fire after the last text chunk. Each server's ``Reply`` adds its wire format's own fields.
+    """
+
+    # success stream
+    chunks: Sequence[str] = ("Hello", ", ", "world")
+    chunk_delay_s: float = 0.0
+    first_chunk_delay_s: float = 0.0
+    model: str | None = None
+    # failures
+    status: int = 200
+    retry_after: str | None = None
+    error_message: str = "scripted error"
+    error_after_chunks: int | None = None
+    drop_after_chunks: int | None = None
+    drop_with_reset: bool = False
+    stall_after_chunks: int | None = None
+    # delay before the status line (slow provider / header timeout), for any status
+    headers_delay_s: float = 0.0
+
+    #: Optional counts that must not be negative (a subclass adds its own).
+    counts: ClassVar[tuple[str, ...]] = ("error_after_chunks", "drop_after_chunks", "stall_after_chunks")
+
+    def __post_init__(self) -> None:
+        """Normalise ``chunks`` to a tuple (a bare string becomes one chunk) and validate the numbers."""
+        chunks = (self.chunks,) if isinstance(self.chunks, str) else tuple(self.chunks)
+        object.__setattr__(self, "chunks", chunks)
+        if not 100 <= self.status <= 599:
+            raise ValueError(f"status must be an HTTP status code, got {self.status}")
+        for name in ("chunk_delay_s", "first_chunk_delay_s", "headers_delay_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in self.counts:
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 or None")
+
+    @classmethod
+    def ok(cls, *chunks: str, **kw: Any) -> Self:
+        """A success stream of the given text pieces (the default pieces when none are given)."""
+        if chunks:
+            kw["chunks"] = chunks
+        return cls(**kw)
+
+    @classmethod
+    def error(
+        cls, status: int, retry_after: str | int | None = None, message: str = "scripted error", **kw: Any
+    ) -> Self:
+        """An error answered before any stream: HTTP ``status`` with the provider's JSON error body."""
+        if status == 200:
+            raise ValueError("Reply.error needs a non-200 status; use error_after_chunks for mid-stream errors")
+        return cls(
+            status=status, retry_after=None if retry_after is None else str(retry_after), error_message=message, **kw
+        )
+
+    @property
+    def is_error(self) -> bool:
+        """True when this reply is answered with a non-200 status before any stream."""
+        return self.status != 200
 
 
 class LoopbackRecord(Protocol):

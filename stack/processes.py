@@ -37,10 +37,10 @@ class Console:
 
 
 def describe_exit(returncode: int) -> str:
-    """``exit code 1`` or, for a process ended by a signal, ``signal SIGKILL``."""
+    """``exit code 1`` or, for a process ended by a signal, ``signal 11, SIGSEGV``."""
     if returncode < 0:
         with contextlib.suppress(ValueError):
-            return f"signal {signal.Signals(-returncode).name}"
+            return f"signal {-returncode}, {signal.Signals(-returncode).name}"
         return f"signal {-returncode}"
     return f"exit code {returncode}"
 

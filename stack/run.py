@@ -17,13 +17,23 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any, Literal
 
+import httpx
 from sqlalchemy.engine import make_url
 
 from repositories.migrations import upgrade_database
 from repositories.store import create_store_engine
 from settings import ConfigurationError, ProviderName, Settings
 from stack.embedded_redis import EmbeddedValkey, redis_answers
-from stack.local_model import LOCAL_MODEL, READY_MARKER, LocalModelUnavailable, free_port, server_argv
+from stack.local_model import (
+    LOCAL_API_KEY,
+    LOCAL_MODEL,
+    READY_MARKER,
+    LocalModelBroken,
+    LocalModelUnavailable,
+    free_port,
+    self_check,
+    server_argv,
+)
 from stack.processes import ChildProcess, Console, describe_exit, stop_children
 
 logger = logging.getLogger(__name__)
@@ -50,6 +60,23 @@ READY_WARNING_S = 60.0
 MODEL_START_TIMEOUT_S = 120.0
 #: How often the embedded Valkey server is checked for life, in seconds.
 BROKER_CHECK_INTERVAL_S = 2.0
+
+
+#: How each child is named in the one line that reports its death.
+CHILD_TITLES = {
+    "model": "the local model server",
+    "worker": "the worker",
+    "scheduler": "the scheduler",
+    "web": "the web app",
+}
+
+
+class StackFailure(RuntimeError):
+    """A part of the stack could not start or died: ``str()`` is the one line to print, then everything stops."""
+
+    def __init__(self, message: str, child: ChildProcess | None = None) -> None:
+        super().__init__(message)
+        self.child = child
 
 
 class ShutdownSignals:
@@ -173,9 +200,7 @@ def instructions(
 
 
 def _needs_local_model(settings: Settings) -> bool:
-    """No key for the OpenAI-compatible provider and no endpoint of one's own: serve the local model."""
-    if settings.llm_provider is not ProviderName.OPENROUTER:
-        return False
+    """No key for the configured provider (and, for OpenRouter, no endpoint of one's own): serve the local model."""
     try:
         settings.require_provider_key()
     except ConfigurationError:
@@ -183,28 +208,67 @@ def _needs_local_model(settings: Settings) -> bool:
     return False
 
 
+def local_model_env(settings: Settings, base_url: str) -> dict[str, str]:
+    """The workers' settings that point the configured provider at the local model server at ``base_url``.
+
+    ``openrouter`` speaks to its OpenAI-compatible ``/v1``; ``anthropic`` and ``claude-agent-sdk`` to its
+    Anthropic Messages endpoint. The key is a placeholder: the local server checks none.
+    """
+    env = {"PREVIEW_MODEL": LOCAL_MODEL}
+    if settings.llm_provider is ProviderName.OPENROUTER:
+        env |= {"OPENROUTER_BASE_URL": f"{base_url}/v1", "OPENROUTER_API_KEY": LOCAL_API_KEY}
+    else:
+        env |= {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": LOCAL_API_KEY}
+    return env
+
+
+def _reports_healthy(port: int) -> bool:
+    """True when the server on the loopback ``port`` answers ``GET /health`` with 200 (llama.cpp and vLLM do)."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _start_local_model(
-    console: Console, cleanup: contextlib.ExitStack, signals: ShutdownSignals, project_root: Path
-) -> dict[str, str] | None:
-    """Start SmolLM2 behind llama-cpp-python's server; the workers' env to reach it, or None if not installed."""
+    console: Console, signals: ShutdownSignals, project_root: Path
+) -> tuple[ChildProcess, str] | None:
+    """Start SmolLM2 behind llama.cpp's server and check it answers; the process and its URL, or None if absent.
+
+    Raises ``StackFailure`` when the server dies while loading, does not report ready in time, or fails
+    its self-check completion.
+    """
     port = free_port()
     try:
-        argv = server_argv(port)
+        argv = server_argv(port, os.environ.get("LOCAL_MODEL_COMMAND"))
     except LocalModelUnavailable as missing:
         logger.warning("no provider key and no local model: %s", missing)
         return None
     model = ChildProcess(
         "model", argv, cwd=project_root, env=dict(os.environ), console=console, ready_marker=READY_MARKER
     )
-    cleanup.callback(lambda: stop_children([model], grace_s=5.0, hurry=lambda: False))
-    logger.info("no provider key: serving %s locally on 127.0.0.1:%d", LOCAL_MODEL, port)
+    logger.info("local model: serving %s on 127.0.0.1:%d (no provider key configured)", LOCAL_MODEL, port)
     model.start()
     deadline = time.monotonic() + MODEL_START_TIMEOUT_S
-    while not model.ready.is_set() and not signals.requested:
-        if model.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the local model server did not start ({describe_exit(model.poll() or 0)})")
+    # Ready when it prints so (the bundled server) or reports healthy (any other server).
+    while not (model.ready.is_set() or _reports_healthy(port)) and not signals.requested:
+        returncode = model.poll()
+        if returncode is not None:
+            raise StackFailure(f"{CHILD_TITLES['model']} exited while loading ({describe_exit(returncode)})", model)
+        if time.monotonic() > deadline:
+            raise StackFailure(f"{CHILD_TITLES['model']} did not report ready in {MODEL_START_TIMEOUT_S:.0f} s", model)
         time.sleep(0.1)
-    return {"OPENROUTER_BASE_URL": f"http://127.0.0.1:{port}/v1", "PREVIEW_MODEL": LOCAL_MODEL}
+    base_url = f"http://127.0.0.1:{port}"
+    if not signals.requested:
+        try:
+            self_check(base_url)
+        except LocalModelBroken as broken:
+            returncode = model.poll()
+            if returncode is not None:
+                raise StackFailure(f"{CHILD_TITLES['model']} exited ({describe_exit(returncode)})", model) from None
+            raise StackFailure(f"{CHILD_TITLES['model']} failed its self-check: {broken}", model) from None
+        logger.info("local model: answered its self-check completion")
+    return model, base_url
 
 
 def _supervise(
@@ -215,7 +279,7 @@ def _supervise(
     *,
     finished: threading.Event | None = None,
 ) -> int:
-    """Wait for a shutdown signal or ``finished`` (0), or for a child or the embedded broker to die (1)."""
+    """Wait for a shutdown signal or ``finished`` (returns 0); raise ``StackFailure`` if a child or the broker dies."""
     started = time.monotonic()
     next_broker_check = started + BROKER_CHECK_INTERVAL_S
     announced = warned = False
@@ -225,14 +289,13 @@ def _supervise(
         for child in children:
             returncode = child.poll()
             if returncode is not None:
-                logger.error("%s exited unexpectedly (%s): stopping the stack", child.name, describe_exit(returncode))
-                return 1
+                title = CHILD_TITLES.get(child.name, child.name)
+                raise StackFailure(f"{title} exited ({describe_exit(returncode)})", child)
         now = time.monotonic()
         if valkey is not None and now >= next_broker_check:
             next_broker_check = now + BROKER_CHECK_INTERVAL_S
             if not valkey.is_running():
-                logger.error("the embedded Valkey server stopped unexpectedly: stopping the stack")
-                return 1
+                raise StackFailure("the embedded Valkey server stopped")
         if not announced and all(child.ready.is_set() for child in children):
             on_ready()
             announced = True
@@ -254,7 +317,7 @@ def run_stack(
     demo: DemoMode = "off",
     screen: IO[str] | None = None,
 ) -> int:
-    """Run the stack until SIGINT or SIGTERM (returns 0) or until a part of it dies (returns 1).
+    """Run the stack until SIGINT or SIGTERM (returns 0); raise ``StackFailure`` when a part of it fails.
 
     With ``demo="serve"`` the demo batch runs once everything is ready and the stack keeps serving;
     with ``demo="exit"`` it stops after the batch (0 when every job ended as scripted, else 1). The
@@ -283,12 +346,23 @@ def run_stack(
             return 0
 
         env = {**os.environ, "REDIS_URL": redis_url, "DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
-        model = settings.preview_model
+        model, local_model_url = settings.preview_model, None
+        model_process: ChildProcess | None = None
+        children: list[ChildProcess] = []
+
+        def stop_all() -> None:
+            signals_so_far = signals.received
+            stop_children(children, grace_s=STOP_GRACE_S, hurry=lambda: signals.received > signals_so_far)
+
         if _needs_local_model(settings):
-            model_env = _start_local_model(console, cleanup, signals, project_root)
-            if model_env is not None:
-                env.update(model_env)
+            started = _start_local_model(console, signals, project_root)
+            if started is not None:
+                model_process, local_model_url = started
+                cleanup.callback(stop_children, [model_process], grace_s=5.0, hurry=lambda: False)
+                env.update(local_model_env(settings, local_model_url))
                 model = LOCAL_MODEL
+        # Registered after the model server, so it runs first: the worker may still be finishing a request.
+        cleanup.callback(stop_all)
         if signals.requested:
             return 0
         # Ctrl+C should not wait long for running generations: they are handed back after 3 s.
@@ -305,7 +379,7 @@ def run_stack(
             "--worker-shutdown-timeout",
             str(WORKER_SHUTDOWN_TIMEOUT_MS),
         ]
-        children = [
+        children += [
             ChildProcess(
                 "worker", worker_argv, cwd=project_root, env=env, console=console, ready_marker=WORKER_READY_LINE
             ),
@@ -318,14 +392,15 @@ def run_stack(
                 ready_marker=SCHEDULER_READY_LINE,
             ),
         ]
-
-        def stop_all() -> None:
-            signals_so_far = signals.received
-            stop_children(children, grace_s=STOP_GRACE_S, hurry=lambda: signals.received > signals_so_far)
-
-        cleanup.callback(stop_all)
         for child in children:
             child.start()
+        logger.info(
+            "worker: %d process, %d threads; scheduler: cleanup on %r",
+            WORKER_PROCESSES,
+            WORKER_THREADS,
+            settings.cleanup_cron,
+        )
+        supervised = [*children] if model_process is None else [*children, model_process]
 
         banner = instructions(
             settings=settings,
@@ -333,10 +408,11 @@ def run_stack(
             database_url=database_url,
             embedded=valkey is not None,
             project_root=project_root,
-            local_model=env.get("OPENROUTER_BASE_URL") if model == LOCAL_MODEL else None,
+            local_model=local_model_url,
         )
         outcome: list[bool] = []
-        demo_done = threading.Event()
+        demo_done, demo_stop = threading.Event(), threading.Event()
+        cleanup.callback(demo_stop.set)
 
         def on_ready() -> None:
             if screen is not None and demo != "off":
@@ -352,7 +428,7 @@ def run_stack(
                 try:
                     from stack.demo import run_demo
 
-                    outcome.append(run_demo(model, stream=screen or sys.stdout))
+                    outcome.append(run_demo(model, stream=screen or sys.stdout, stop=demo_stop))
                 except Exception:
                     logger.exception("the demo batch failed")
                     outcome.append(False)
@@ -362,7 +438,13 @@ def run_stack(
             threading.Thread(target=play, name="demo", daemon=True).start()
 
         finished = demo_done if demo == "exit" else None
-        status = _supervise(children, valkey, signals, on_ready, finished=finished)
+        try:
+            status = _supervise(supervised, valkey, signals, on_ready, finished=finished)
+        except StackFailure:
+            # The live table must stop drawing before the one line that says what broke is printed.
+            demo_stop.set()
+            demo_done.wait(timeout=2.0)
+            raise
         if demo == "exit" and status == 0 and not signals.requested:
             return 0 if outcome == [True] else 1
         return status

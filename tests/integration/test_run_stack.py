@@ -64,13 +64,13 @@ def processes_marked(marker: str) -> list[int]:
 class StackRun:
     """One ``python -m stack run`` in its own process group, with its output collected line by line."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], args: tuple[str, ...] = ("run", "--no-demo")) -> None:
         self.marker = uuid.uuid4().hex
         self.env = {**env, MARKER_VARIABLE: self.marker, "PYTHONUNBUFFERED": "1"}
         self._lines: list[str] = []
         self._lock = threading.Lock()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stack", "run", "--no-demo"],
+            [sys.executable, "-m", "stack", *args],
             cwd=PROJECT_ROOT,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -147,10 +147,11 @@ class StackRun:
 
 @pytest.fixture
 def start_stack(tmp_path: Path) -> Iterator[Callable[..., StackRun]]:
-    """Starts ``python -m stack run`` with no Redis at ``REDIS_URL`` and a fresh SQLite file, plus extra env."""
+    """Starts ``python -m stack run`` (or ``python -m stack ARGS...``) with no Redis at ``REDIS_URL``, a fresh
+    SQLite file, and extra env."""
     runs: list[StackRun] = []
 
-    def start(**env: str) -> StackRun:
+    def start(*args: str, **env: str) -> StackRun:
         base = {
             **os.environ,
             "REDIS_URL": f"redis://127.0.0.1:{unused_loopback_port()}/0",
@@ -158,7 +159,7 @@ def start_stack(tmp_path: Path) -> Iterator[Callable[..., StackRun]]:
             # The embedded Valkey's files go here, so a run killed by the teardown leaves none in /tmp.
             "TMPDIR": str(tmp_path),
         }
-        run = StackRun({**base, **env})
+        run = StackRun({**base, **env}, args or ("run", "--no-demo"))
         runs.append(run)
         return run
 
@@ -178,7 +179,7 @@ def tables_in(database: Path) -> set[str]:
         return {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
-def test_make_run_starts_an_embedded_valkey_migrates_sqlite_and_prints_how_to_send_a_job(
+def test_make_run_starts_an_embedded_valkey_migrates_sqlite_serves_the_local_model_and_prints_how_to_send_a_job(
     start_stack: Callable[..., StackRun], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given nothing answers at REDIS_URL, the store is a fresh SQLite file and no provider key is set
@@ -193,7 +194,10 @@ def test_make_run_starts_an_embedded_valkey_migrates_sqlite_and_prints_how_to_se
     assert "llm_job_results" in tables_in(tmp_path / "jobs.db")
     assert f"export REDIS_URL=redis://127.0.0.1:{port}/0 DATABASE_URL=sqlite:///{tmp_path / 'jobs.db'}" in run.output
     assert "from actors import enqueue_generation, get_job" in run.output
-    assert "OPENROUTER_API_KEY is required" in run.output
+    # And with no key it serves the local model, checked with one completion before the worker starts
+    assert "local model: serving smollm2-135m" in run.output
+    assert run.output.index("local model: answered its self-check") < run.output.index("worker started")
+    assert "Provider: the local model smollm2-135m at http://127.0.0.1:" in run.output
 
 
 def test_make_run_uses_the_redis_that_answers_at_redis_url(
@@ -267,7 +271,7 @@ def test_a_worker_that_dies_stops_the_whole_stack_with_a_non_zero_exit(start_sta
     os.killpg(worker_pid, signal.SIGKILL)
     # Then the run says so, stops the rest and exits non-zero, leaving nothing behind
     assert run.exit_code() != 0
-    assert "worker exited unexpectedly (signal SIGKILL)" in run.output
+    assert "[stack] the worker exited (signal 9, SIGKILL) — see the lines above" in run.output
     assert processes_marked(run.marker) == []
     assert not accepts_connections(port)
 
@@ -282,6 +286,62 @@ def test_a_scheduler_failing_at_start_stops_the_stack_with_a_non_zero_exit(
     code = run.exit_code(timeout=START_TIMEOUT_S)
     # Then it exits non-zero naming the scheduler, with the worker and the broker stopped
     assert code != 0
-    assert re.search(r"scheduler exited unexpectedly \(exit code [1-9]", run.output), run.output
+    assert re.search(r"^\[stack\] the scheduler exited \(exit code [1-9]", run.output, re.MULTILINE), run.output
     assert processes_marked(run.marker) == []
     assert not accepts_connections(port)
+
+
+def without_provider_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No key for OpenRouter's own endpoint: ``make run`` serves the local model."""
+    monkeypatch.delenv("OPENROUTER_API_KEY")
+    monkeypatch.setenv("OPENROUTER_BASE_URL", "https://openrouter.ai/api/v1")
+
+
+def test_a_local_model_server_whose_first_completion_fails_makes_make_run_refuse_to_start_naming_it(
+    start_stack: Callable[..., StackRun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given no provider key, and a model server that reports healthy but fails every completion
+    without_provider_key(monkeypatch)
+    broken = f"{shlex.quote(sys.executable)} -m tests.loopback.broken_model {{port}}"
+    # When the stack starts
+    run = start_stack(LOCAL_MODEL_COMMAND=broken)
+    code = run.exit_code(timeout=START_TIMEOUT_S)
+    # Then it refuses with one line naming the model server, before any worker or scheduler is started
+    assert code != 0
+    assert (
+        "[stack] the local model server failed its self-check: its first completion answered HTTP 500" in run.output
+    ), run.output
+    assert "worker started" not in run.output
+    assert processes_marked(run.marker) == []
+
+
+def processing_jobs(database: Path) -> int:
+    """How many jobs of the SQLite store are streaming right now (0 before the store exists)."""
+    if not database.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        try:
+            (count,) = connection.execute("SELECT count(*) FROM llm_job_results WHERE status = 'processing'").fetchone()
+        except sqlite3.OperationalError:
+            return 0  # not migrated yet
+        return int(count)
+
+
+@pytest.mark.timeout(240)
+def test_the_local_model_server_dying_mid_demo_is_one_line_a_non_zero_exit_and_nothing_left_running(
+    start_stack: Callable[..., StackRun], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given `make demo` on the local model, with jobs streaming from it
+    without_provider_key(monkeypatch)
+    run = start_stack("demo")
+    model_pid = int(run.wait_for(r"model started \(pid (\d+)\)", timeout=120).group(1))
+    wait_until(lambda: processing_jobs(tmp_path / "jobs.db") > 0, timeout=120, what="a job streaming")
+    # When the model server crashes as llama.cpp's AMX path did
+    os.kill(model_pid, signal.SIGSEGV)
+    # Then the demo says so in one line, stops everything and exits non-zero
+    assert run.exit_code(timeout=60) != 0
+    assert "[stack] the local model server exited (signal 11, SIGSEGV) — see .run/stack.log" in run.output, run.output[
+        -3000:
+    ]
+    assert "connection failed" not in run.output
+    assert processes_marked(run.marker) == []

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="[stack] %(asctime)s %(levelname)s %(message)s",
     )
     # The demo enqueues from this process: its per-job lines would scroll the live table away.
-    for noisy in ("actors", "alembic", "repositories"):
+    for noisy in ("actors", "alembic", "repositories", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     demo: DemoMode = "exit" if args.command == "demo" else "off" if args.no_demo else "serve"
     console = Console(sys.stdout)

@@ -231,7 +231,7 @@ def _reports_healthy(port: int) -> bool:
 
 
 def _start_local_model(
-    console: Console, signals: ShutdownSignals, project_root: Path
+    console: Console, cleanup: contextlib.ExitStack, signals: ShutdownSignals, project_root: Path
 ) -> tuple[ChildProcess, str] | None:
     """Start SmolLM2 behind llama.cpp's server and check it answers; the process and its URL, or None if absent.
 
@@ -249,6 +249,7 @@ def _start_local_model(
     )
     logger.info("local model: serving %s on 127.0.0.1:%d (no provider key configured)", LOCAL_MODEL, port)
     model.start()
+    cleanup.callback(stop_children, [model], grace_s=5.0, hurry=lambda: False)
     deadline = time.monotonic() + MODEL_START_TIMEOUT_S
     # Ready when it prints so (the bundled server) or reports healthy (any other server).
     while not (model.ready.is_set() or _reports_healthy(port)) and not signals.requested:
@@ -355,10 +356,9 @@ def run_stack(
             stop_children(children, grace_s=STOP_GRACE_S, hurry=lambda: signals.received > signals_so_far)
 
         if _needs_local_model(settings):
-            started = _start_local_model(console, signals, project_root)
+            started = _start_local_model(console, cleanup, signals, project_root)
             if started is not None:
                 model_process, local_model_url = started
-                cleanup.callback(stop_children, [model_process], grace_s=5.0, hurry=lambda: False)
                 env.update(local_model_env(settings, local_model_url))
                 model = LOCAL_MODEL
         # Registered after the model server, so it runs first: the worker may still be finishing a request.

@@ -97,6 +97,16 @@ class Settings(BaseSettings):
     """Apply the Alembic migrations on first use of the job store."""
     metrics_enabled: bool = False
     """Serve Prometheus metrics from every worker (Dramatiq's exposition server, ``dramatiq_prom_port``)."""
+    live_text_enabled: bool = True
+    """Workers append each job's new text to a Redis Stream (coalesced to ~50 ms) for the web side's event streams."""
+    live_text_ttl_s: PositiveInt = 600
+    """A job's live text stream stays in Redis this long after its attempt ended, in seconds (then: the store)."""
+    web_stream_secret: SecretStr | None = None
+    """HMAC key of the web side's per-job stream tokens; unset, each web process makes a random one."""
+    web_stream_token_ttl_s: PositiveInt = 600
+    """How long a per-job stream token opens the job's event stream, in seconds."""
+    web_dev_identity: bool = False
+    """Development only: the web app takes the user from the ``X-User-Id`` header (anyone can be anyone)."""
     log_level: str = "INFO"
     log_format: LogFormatName = LogFormatName.TEXT
     """``text`` lines with the job's ids, or ``json``: one object per line (workers and the scheduler)."""

@@ -24,6 +24,7 @@ from actors.payloads import GenerateMessage, PreviewMessage
 from middleware.metrics import JobObserver
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
+from repositories.live_text import LiveText
 from repositories.store import Job, JobKind, JobStatus, JobStore
 
 logger = logging.getLogger(__name__)
@@ -117,9 +118,11 @@ class JobRunner:
         preview_timeout_s: float = 60.0,
         cancel_signals: CancelSignals | None = None,
         observer: JobObserver | None = None,
+        live_text: LiveText | None = None,
     ) -> None:
         self.store = store
         self.observer: JobObserver = observer or JobObserver()
+        self.live_text = live_text or LiveText()
         self.cancel_signals = cancel_signals
         self._active: set[CancelWatch] = set()
         self._active_lock = threading.Lock()
@@ -141,9 +144,10 @@ class JobRunner:
             job = self._claim(message.job_id, message.user_id, JobKind.GENERATE, delivery, request=stored)
             if job is None:
                 return
-            self._attempt(
-                job, delivery, message.params, watch, timeout_s=self.generate_timeout_s, on_done=self._generated
-            )
+            with self.live_text.attempt(job.job_id, job.attempts):
+                self._attempt(
+                    job, delivery, message.params, watch, timeout_s=self.generate_timeout_s, on_done=self._generated
+                )
 
     def run_preview(self, message: PreviewMessage, delivery: Delivery) -> None:
         """Run one delivery of a preview message: short content is kept as is, long content is summarised."""
@@ -157,7 +161,10 @@ class JobRunner:
                 return
             if needs_model:
                 request = self._preview_request(message)
-                self._attempt(job, delivery, request, watch, timeout_s=self.preview_timeout_s, on_done=self._previewed)
+                with self.live_text.attempt(job.job_id, job.attempts):
+                    self._attempt(
+                        job, delivery, request, watch, timeout_s=self.preview_timeout_s, on_done=self._previewed
+                    )
                 return
             self.store.complete(
                 job.job_id,
@@ -349,6 +356,7 @@ class JobRunner:
             async for event in provider.stream(request):
                 if isinstance(event, TextDelta):
                     progress.pieces.append(event.text)
+                    self.live_text.append(job.job_id, job.attempts, event.text)
                 else:
                     return event
             raise StreamBroken("stream ended without a final event", provider=provider.name)

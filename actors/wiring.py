@@ -30,6 +30,7 @@ from middleware.startup import ConfigurationCheck
 from middleware.throttle import UserThrottle
 from middleware.worker_tuning import WakingRedisBroker, WorkerTuning
 from repositories.chat import ChatProvider
+from repositories.live_text import LiveText, RedisLiveText
 from repositories.migrations import upgrade_database
 from repositories.openrouter import OpenRouterProvider
 from repositories.store import JobStore, create_store_engine
@@ -157,6 +158,14 @@ def actor_options(settings: Settings) -> ActorOptions:
     )
 
 
+def live_text(settings: Settings) -> LiveText | None:
+    """The Redis Stream writer of each job's new text, when ``LIVE_TEXT_ENABLED`` is on."""
+    if not settings.live_text_enabled:
+        return None
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return RedisLiveText(client, ended_ttl_s=settings.live_text_ttl_s)
+
+
 def build_runtime(settings: Settings, metrics: JobMetrics | None = None) -> Runtime:
     """The job store (migrated when ``AUTO_MIGRATE`` is on), the job runner and the cancel signals."""
     engine = create_store_engine(settings.database_url)
@@ -177,5 +186,6 @@ def build_runtime(settings: Settings, metrics: JobMetrics | None = None) -> Runt
         preview_timeout_s=settings.preview_timeout_s,
         cancel_signals=signals,
         observer=metrics,
+        live_text=live_text(settings),
     )
     return Runtime(store=store, runner=runner, cancel_signals=signals)

@@ -369,7 +369,9 @@ class JobStore:
             "started_at": func.coalesce(JobRow.started_at, now),
         }
         if count_attempt:
+            # A new attempt starts its text afresh: ``content`` always belongs to attempt ``attempts``.
             values["attempts"] = JobRow.attempts + 1
+            values["content"] = ""
         conditions = [JobRow.job_id == job_id]
         if user_id is not None:
             conditions.append(JobRow.user_id == user_id)

@@ -1,0 +1,197 @@
+"""The web API against the real app: uvicorn on loopback, a real worker, real Redis, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+import actors
+from repositories.live_text import stream_key
+from repositories.store import JobStatus
+from tests.conftest import unique
+from tests.integration.conftest import Stack, params, wait_until
+from tests.loopback.openrouter import Reply
+from tests.web.support import WebServer, apply, header_user, read_events
+from web.app import create_app
+
+pytestmark = pytest.mark.integration
+
+
+def _submit(http: httpx.Client, user: str, key: str) -> dict[str, object]:
+    response = http.post("jobs", json={"params": params(key), "job_id": key}, headers={"X-User-Id": user})
+    assert response.status_code == 201, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+def test_another_users_job_is_not_found_on_every_route(stack: Stack, http: httpx.Client) -> None:
+    # Given a job of user A
+    key = unique("iso")
+    stack.server.script_for(key, Reply.ok("secret ", "text"))
+    job = _submit(http, unique("a"), key)
+    other = {"X-User-Id": unique("b")}
+    # When user B asks for it by every route
+    # Then every one answers 404, and B's list does not show it
+    assert http.get(f"jobs/{key}", headers=other).status_code == 404
+    assert http.post(f"jobs/{key}/cancel", headers=other).status_code == 404
+    assert http.get(f"jobs/{key}/events", headers=other).status_code == 404
+    assert http.get("jobs", headers=other).json() == []
+    # and A's stream token opens A's job's events, not another job's
+    token = job["stream_token"]
+    done = read_events(http, f"jobs/{key}/events?token={token}").done
+    assert done is not None
+    assert done["content"] == "secret text"
+    other_key = _submit(http, other["X-User-Id"], unique("iso"))["job_id"]
+    assert http.get(f"jobs/{other_key}/events?token={token}").status_code == 401
+
+
+def test_the_owner_lists_reads_and_filters_their_jobs(stack: Stack, http: httpx.Client) -> None:
+    user = unique("u")
+    key = unique("list")
+    stack.server.script_for(key, Reply.ok("one"))
+    _submit(http, user, key)
+    stack.wait_for_status(key)
+    listed = http.get("jobs", params={"status": "completed"}, headers={"X-User-Id": user}).json()
+    assert [job["job_id"] for job in listed] == [key]
+    assert http.get("jobs", params={"status": "pending"}, headers={"X-User-Id": user}).json() == []
+    read = http.get(f"jobs/{key}", headers={"X-User-Id": user}).json()
+    assert read["status"] == "completed"
+    assert read["content"] == "one"
+    assert read["created_at"].endswith("+00:00")
+
+
+def test_a_stream_resumed_with_last_event_id_mid_stream_has_no_gap_and_no_duplicate(
+    stack: Stack, http: httpx.Client
+) -> None:
+    # Given a job streaming 60 numbered pieces
+    key = unique("resume")
+    pieces = [f"<{i}>" for i in range(60)]
+    stack.server.script_for(key, Reply.ok(*pieces, chunk_delay_s=0.03))
+    user = {"X-User-Id": unique("u")}
+    _submit(http, user["X-User-Id"], key)
+    # When a client hangs up in the middle and reconnects with the last id it saw
+    first = read_events(http, f"jobs/{key}/events", headers=user, stop_after_chars=40)
+    assert first.done is None
+    second = read_events(http, f"jobs/{key}/events", headers={**user, "Last-Event-ID": str(first.last_id)})
+    # Then the two connections together hold the whole text exactly once
+    assert apply("", first.events + second.events) == "".join(pieces)
+    assert second.done is not None
+    assert second.done["status"] == "completed"
+    assert len(first.of("text")) + len(second.of("text")) >= 3
+
+
+def test_a_retry_resets_the_text_and_a_resume_across_it_does_not_duplicate(stack: Stack, http: httpx.Client) -> None:
+    # Given a first attempt that breaks mid-stream after some text, and a second that completes
+    key = unique("retry")
+    stack.server.script_for(
+        key,
+        Reply.ok("first ", "try ", "text ", "more", chunk_delay_s=0.2, error_after_chunks=3),
+        Reply.ok("second ", "attempt ", "wins", chunk_delay_s=0.2),
+    )
+    user = {"X-User-Id": unique("u")}
+    _submit(http, user["X-User-Id"], key)
+    # When a client reads part of the first attempt, hangs up, and resumes after the retry started
+    first = read_events(http, f"jobs/{key}/events", headers=user, stop_after_chars=6)
+    assert apply("", first.events).startswith("first ")
+    wait_until(lambda: (job := stack.store.get(key)) and job.attempts == 2, timeout=20, what="the second attempt")
+    second = read_events(http, f"jobs/{key}/events", headers={**user, "Last-Event-ID": str(first.last_id)})
+    # Then it is told to reset, and ends with the second attempt's text exactly once
+    assert second.of("reset"), second.events
+    assert apply("", first.events + second.events) == "second attempt wins"
+    assert second.done is not None
+    assert second.done["attempts"] == 2
+    # and a client that followed the whole job on one connection shows the same text
+    whole = read_events(http, f"jobs/{key}/events", headers=user)
+    assert apply("", whole.events) == "second attempt wins"
+
+
+def test_a_one_megabyte_answer_streams_whole(stack: Stack, http: httpx.Client) -> None:
+    # Given an answer of 1 MB in 1000 pieces of distinct text
+    key = unique("big")
+    pieces = [f"{i:06d}" + "x" * 994 + "\n" for i in range(1000)]
+    stack.server.script_for(key, Reply.ok(*pieces))
+    user = {"X-User-Id": unique("u")}
+    _submit(http, user["X-User-Id"], key)
+    # When a client follows its events from the start
+    reading = read_events(http, f"jobs/{key}/events", headers=user, timeout=60)
+    # Then it receives every character once, and the same text the store has
+    text = apply("", reading.events)
+    assert len(text) == 1_001_000
+    assert text == "".join(pieces)
+    assert reading.done is not None
+    assert reading.done["content"] == text
+
+
+def test_cancel_through_the_api_stops_the_provider_stream_within_a_second(stack: Stack, http: httpx.Client) -> None:
+    # Given a job streaming slowly
+    key = unique("cancel")
+    stack.server.script_for(key, Reply.ok(*["tick "] * 400, chunk_delay_s=0.05))
+    user = {"X-User-Id": unique("u")}
+    _submit(http, user["X-User-Id"], key)
+    wait_until(lambda: (job := stack.store.get(key)) and job.content, timeout=20, what="text to arrive")
+    # When its user cancels it through the API
+    response = http.post(f"jobs/{key}/cancel", headers=user)
+    returned_at = time.time()
+    # Then the answer says so, the provider connection closes within 1 s, and the stream ends cancelled
+    assert response.json() == {"cancelled": True}
+    request = stack.server.wait_for_close(stack.server.requests_for(key)[0], timeout=5)
+    assert request.closed_by_client
+    assert request.closed_at is not None
+    assert request.closed_at - returned_at < 1.0
+    reading = read_events(http, f"jobs/{key}/events", headers=user)
+    assert reading.done is not None
+    assert reading.done["status"] == "cancelled"
+    assert apply("", reading.events) == reading.done["content"] != ""
+    assert http.post(f"jobs/{key}/cancel", headers=user).json() == {"cancelled": False}
+
+
+def test_the_stream_falls_back_to_the_store_after_the_live_stream_expired(stack: Stack, http: httpx.Client) -> None:
+    # Given a finished job whose live stream in Redis has expired
+    key = unique("expired")
+    stack.server.script_for(key, Reply.ok("kept ", "in ", "sql"))
+    user = {"X-User-Id": unique("u")}
+    _submit(http, user["X-User-Id"], key)
+    stack.wait_for_status(key)
+    redis = actors.broker.client
+    wait_until(lambda: redis.ttl(stream_key(key)) > 0, timeout=5, what="the worker to set the live stream's expiry")
+    redis.pexpire(stream_key(key), 1)
+    wait_until(lambda: not redis.exists(stream_key(key)), timeout=5, what="the live stream to expire")
+    # When a client opens its events
+    reading = read_events(http, f"jobs/{key}/events", headers=user)
+    # Then the store serves the whole text and the outcome
+    assert apply("", reading.events) == "kept in sql"
+    assert reading.done is not None
+    assert reading.done["status"] == "completed"
+
+
+def test_a_running_job_streams_from_the_store_when_redis_is_unreachable(stack: Stack) -> None:
+    # Given a web app whose Redis for live text is unreachable, and a job streaming slowly
+    app = create_app(identity=header_user, redis_url="redis://127.0.0.1:9/0", ping_s=1)
+    key = unique("noredis")
+    pieces = [f"[{i}]" for i in range(20)]
+    stack.server.script_for(key, Reply.ok(*pieces, chunk_delay_s=0.1))
+    user = {"X-User-Id": unique("u")}
+    with WebServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        _submit(http, user["X-User-Id"], key)
+        # When a client follows its events
+        reading = read_events(http, f"jobs/{key}/events", headers=user)
+    # Then the text arrives from the store, in several pieces, whole and once
+    assert apply("", reading.events) == "".join(pieces)
+    assert len(reading.of("text")) >= 3
+    assert reading.done is not None
+    assert reading.done["status"] == str(JobStatus.COMPLETED)
+
+
+def test_an_idle_stream_sends_keep_alive_comments(stack: Stack, http: httpx.Client) -> None:
+    # Given a job whose provider is silent for 2.5 s before answering
+    key = unique("idle")
+    stack.server.script_for(key, Reply.ok("late", first_chunk_delay_s=2.5))
+    user = {"X-User-Id": unique("u")}
+    _submit(http, user["X-User-Id"], key)
+    # When a client follows it (the app pings every second)
+    reading = read_events(http, f"jobs/{key}/events", headers=user)
+    # Then keep-alive comments arrived while it waited
+    assert reading.comments >= 1
+    assert apply("", reading.events) == "late"

@@ -1,0 +1,74 @@
+"""The worker's live text writer against real Redis: coalescing, order, attempts, expiry, and a lost Redis."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import uuid
+from typing import Any
+
+import redis
+
+from repositories.live_text import LiveEntry, RedisLiveText, stream_key
+from tests.conftest import TEST_REDIS_URL
+from tests.harness import wait_until
+
+
+def _entries(client: redis.Redis, job_id: str) -> list[LiveEntry]:
+    items: list[tuple[Any, dict[Any, Any]]] = client.xrange(stream_key(job_id))  # type: ignore[assignment]
+    parsed = (LiveEntry.parse(fields) for _, fields in items)
+    return [entry for entry in parsed if entry is not None]
+
+
+def test_text_is_coalesced_in_order_and_ends_with_the_attempt() -> None:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    live = RedisLiveText(client, interval_s=0.2, ended_ttl_s=30)
+    job_id = uuid.uuid4().hex
+    with live.attempt(job_id, 1):
+        for i in range(200):
+            live.append(job_id, 1, f"{i},")
+    entries = _entries(client, job_id)
+    assert entries[0] == LiveEntry("reset", 1)
+    assert entries[-1] == LiveEntry("end", 1)
+    texts = [e for e in entries if e.kind == "text"]
+    assert "".join(e.text for e in texts) == "".join(f"{i}," for i in range(200))
+    assert len(texts) <= 3  # 200 appends within one interval: coalesced
+    assert all(b.offset == a.offset + len(a.text) for a, b in itertools.pairwise(texts))
+    assert 0 < client.ttl(stream_key(job_id)) <= 30
+
+
+def test_text_written_while_the_attempt_runs_arrives_before_its_end() -> None:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    live = RedisLiveText(client, interval_s=0.05)
+    job_id = uuid.uuid4().hex
+    finish = threading.Event()
+
+    def run() -> None:
+        with live.attempt(job_id, 1):
+            live.append(job_id, 1, "early")
+            finish.wait(5)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_until(lambda: any(e.kind == "text" for e in _entries(client, job_id)), timeout=2, what="the text")
+    finish.set()
+    thread.join()
+
+
+def test_a_new_attempt_replaces_the_entries_of_the_last() -> None:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    live = RedisLiveText(client)
+    job_id = uuid.uuid4().hex
+    with live.attempt(job_id, 1):
+        live.append(job_id, 1, "first")
+    with live.attempt(job_id, 2):
+        live.append(job_id, 2, "second")
+        live.append(job_id, 1, "a late piece of the old attempt is ignored")
+    assert _entries(client, job_id) == [LiveEntry("reset", 2), LiveEntry("text", 2, 0, "second"), LiveEntry("end", 2)]
+
+
+def test_an_unreachable_redis_never_fails_the_attempt() -> None:
+    client = redis.Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)
+    live = RedisLiveText(client)
+    with live.attempt("job", 1):
+        live.append("job", 1, "text")

@@ -1,0 +1,317 @@
+"""A job's event stream: the worker's live text from Redis, merged with the job store, resumable by event id.
+
+Every event id is ``<attempt>-<offset>``: the client holds the first ``offset`` characters of attempt
+``attempt``'s text. Both sources describe the same text at character offsets (the store's ``content``
+always belongs to the attempt it counts), so the stream can take each character from whichever
+source has it first, and resume after any id without a duplicate or a gap.
+
+One ``JobFeed`` per job and web process reads Redis and the store for all of that job's listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from sse_starlette import ServerSentEvent
+
+from repositories.live_text import LiveEntry, stream_key
+from repositories.store import Job, JobKind, JobStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """How much of a job's text a client holds: ``offset`` characters of attempt ``attempt``."""
+
+    attempt: int = 0
+    offset: int = 0
+
+    @classmethod
+    def parse(cls, event_id: str | None) -> Position | None:
+        """The position an event id names, or None when it is absent or not one of ours."""
+        if not event_id:
+            return None
+        attempt, _, offset = event_id.strip().partition("-")
+        if not (attempt.isdigit() and offset.isdigit()) or len(event_id) > 40:
+            return None
+        return cls(int(attempt), int(offset))
+
+    def __str__(self) -> str:
+        return f"{self.attempt}-{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The stored job and what its status means right now (``waiting``: parked by the user's throttle)."""
+
+    job: Job
+    status: str
+    reason: str
+
+
+def job_json(job: Job, **extra: Any) -> dict[str, Any]:
+    """The job as the web API shows it, datetimes in ISO 8601."""
+    values: dict[str, Any] = {
+        "job_id": job.job_id,
+        "user_id": job.user_id,
+        "kind": str(job.kind),
+        "status": str(job.status),
+        "content": job.content,
+        "response": job.response,
+        "error": job.error,
+        "attempts": job.attempts,
+        "provider": job.provider,
+        "model": job.model,
+        "usage": job.usage,
+    }
+    for name in ("created_at", "updated_at", "started_at", "finished_at"):
+        moment = getattr(job, name)
+        values[name] = moment.isoformat() if moment is not None else None
+    values.update(extra)
+    return values
+
+
+@dataclass
+class JobFeed:
+    """One job's live entries (read once from its Redis Stream) and its latest snapshot from the store.
+
+    Listeners wait on ``changed()``. The store is read at the start, when an attempt starts or ends,
+    every ``idle_s`` without live text, and every ``poll_s`` while Redis fails.
+    """
+
+    job_id: str
+    load: Callable[[], Awaitable[Snapshot | None]]
+    redis: aioredis.Redis | None
+    idle_s: float = 1.0
+    poll_s: float = 0.5
+    settle_s: float = 2.0
+    """After the store says final, how long to wait for the attempt's ``end`` entry (its last text)."""
+    entries: list[LiveEntry] = field(default_factory=list)
+    snapshot: Snapshot | None = None
+    loaded: bool = False
+    closed: bool = False
+    redis_ok: bool = True
+    listeners: int = 0
+    _event: asyncio.Event = field(default_factory=asyncio.Event)
+    _started: set[int] = field(default_factory=set)
+    _ended: set[int] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+
+    def changed(self) -> asyncio.Event:
+        """An event set at the next change (take it before reading the feed, then wait on it)."""
+        return self._event
+
+    def _publish(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def refresh(self) -> Snapshot | None:
+        """Read the store now."""
+        self.snapshot = await self.load()
+        self.loaded = True
+        self._publish()
+        return self.snapshot
+
+    async def run(self) -> None:
+        """Follow the job until it is final and its last text is in, or it is gone."""
+        try:
+            await self._follow()
+        finally:
+            self.closed = True
+            self._publish()
+
+    async def _follow(self) -> None:
+        last_id = "0"
+        settle_until: float | None = None
+        loop = asyncio.get_running_loop()
+        await self.refresh()
+        while True:
+            snapshot = self.snapshot
+            if snapshot is None:
+                return
+            block_s = self.idle_s
+            if snapshot.job.status.is_final:
+                attempt = snapshot.job.attempts
+                awaiting_end = self.redis_ok and attempt in self._started and attempt not in self._ended
+                settle_until = settle_until or loop.time() + self.settle_s
+                if not awaiting_end or loop.time() >= settle_until:
+                    return
+                block_s = max(0.01, settle_until - loop.time())
+            if self.redis is None:
+                self.redis_ok = False
+                await asyncio.sleep(self.poll_s)
+                await self.refresh()
+                continue
+            try:
+                key = stream_key(self.job_id)
+                reply = cast(
+                    "list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]] | None",
+                    await self.redis.xread({key: last_id}, count=1000, block=int(block_s * 1000)),
+                )
+            except (RedisError, OSError) as exc:
+                if self.redis_ok:
+                    logger.warning("live text unavailable (%s): serving from the job store", type(exc).__name__)
+                self.redis_ok = False
+                await asyncio.sleep(self.poll_s)
+                await self.refresh()
+                continue
+            self.redis_ok = True
+            boundary = not reply
+            for _key, items in reply or []:
+                for entry_id, fields in items:
+                    last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    entry = LiveEntry.parse(fields)
+                    if entry is None:
+                        continue
+                    self.entries.append(entry)
+                    if entry.kind == "reset":
+                        self._started.add(entry.attempt)
+                        boundary = True
+                    elif entry.kind == "end":
+                        self._ended.add(entry.attempt)
+                        boundary = True
+            if boundary:
+                await self.refresh()
+            else:
+                self._publish()
+
+
+class FeedHub:
+    """The feeds of one web process: one per job being watched, shared by its listeners."""
+
+    def __init__(self, redis: aioredis.Redis | None, *, idle_s: float = 1.0, poll_s: float = 0.5) -> None:
+        self.redis = redis
+        self.idle_s = idle_s
+        self.poll_s = poll_s
+        self._feeds: dict[str, JobFeed] = {}
+
+    @contextlib.asynccontextmanager
+    async def watch(self, job_id: str, load: Callable[[], Awaitable[Snapshot | None]]) -> AsyncIterator[JobFeed]:
+        """The job's feed, started on first use and stopped when its last listener leaves."""
+        feed = self._feeds.get(job_id)
+        if feed is None or feed.closed:
+            feed = JobFeed(job_id, load, self.redis, idle_s=self.idle_s, poll_s=self.poll_s)
+            feed.task = asyncio.create_task(feed.run(), name=f"feed-{job_id}")
+            self._feeds[job_id] = feed
+        feed.listeners += 1
+        try:
+            yield feed
+        finally:
+            feed.listeners -= 1
+            if feed.listeners == 0 and self._feeds.get(job_id) is feed:
+                del self._feeds[job_id]
+                if feed.task is not None and not feed.task.done():
+                    feed.task.cancel()
+
+    async def close(self) -> None:
+        """Stop every feed and close the Redis client."""
+        for feed in list(self._feeds.values()):
+            if feed.task is not None:
+                feed.task.cancel()
+        self._feeds.clear()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+@dataclass
+class _Listener:
+    """One client's place in the job's text, and what it was last told."""
+
+    position: Position
+    status: tuple[str, str] | None = None
+
+    def move_to(self, attempt: int) -> list[ServerSentEvent]:
+        """Follow a newer attempt; the client is told to drop its text if it holds any."""
+        had_text = self.position.offset > 0
+        self.position = Position(attempt, 0)
+        return [ServerSentEvent(data="", event="reset", id=str(self.position))] if had_text else []
+
+    def text(self, offset: int, text: str) -> list[ServerSentEvent]:
+        """The part of ``text`` (at ``offset`` of the current attempt) the client does not hold yet."""
+        end = offset + len(text)
+        if end <= self.position.offset or offset > self.position.offset:
+            return []
+        new = text[self.position.offset - offset :]
+        self.position = Position(self.position.attempt, end)
+        return [ServerSentEvent(data=new, event="text", id=str(self.position))]
+
+    def from_store(self, snapshot: Snapshot) -> list[ServerSentEvent]:
+        """Whatever the stored job adds: a newer attempt, more text, a new status."""
+        job = snapshot.job
+        events: list[ServerSentEvent] = []
+        if job.attempts > self.position.attempt:
+            events += self.move_to(job.attempts)
+        # A completed preview stores the tidied preview, not the streamed text: it is in ``done``.
+        text_is_stream = not (job.kind is JobKind.PREVIEW and job.status is JobStatus.COMPLETED)
+        if job.attempts == self.position.attempt and text_is_stream:
+            events += self.text(0, job.content)
+        status = (snapshot.status, snapshot.reason)
+        if status != self.status:
+            self.status = status
+            data = json.dumps({"status": snapshot.status, "reason": snapshot.reason})
+            events.append(ServerSentEvent(data=data, event="status", id=str(self.position)))
+        return events
+
+
+async def job_events(
+    feed: JobFeed, start: Position | None, *, gap_wait_s: float = 0.25
+) -> AsyncIterator[ServerSentEvent]:
+    """The job's events after ``start`` (from the beginning when None), ending with ``done``."""
+    listener = _Listener(start or Position())
+    index = 0
+    while True:
+        changed = feed.changed()
+        if not feed.loaded:
+            await changed.wait()
+            continue
+        while index < len(feed.entries):
+            entry = feed.entries[index]
+            if entry.attempt > listener.position.attempt:
+                for event in listener.move_to(entry.attempt):
+                    yield event
+            if entry.kind == "text" and entry.attempt == listener.position.attempt:
+                if entry.offset > listener.position.offset:
+                    filled = await _fill_gap(feed, listener, entry, gap_wait_s)
+                    if filled is None:
+                        break  # the store has not caught up yet: try again at the next change
+                    for event in filled:
+                        yield event
+                for event in listener.text(entry.offset, entry.text):
+                    yield event
+            index += 1
+        snapshot = feed.snapshot
+        if snapshot is not None:
+            for event in listener.from_store(snapshot):
+                yield event
+        if feed.closed:
+            job = snapshot.job if snapshot is not None else None
+            data = json.dumps(job_json(job) if job is not None else None)
+            yield ServerSentEvent(data=data, event="done", id=str(listener.position))
+            return
+        await changed.wait()
+
+
+async def _fill_gap(
+    feed: JobFeed, listener: _Listener, entry: LiveEntry, wait_s: float
+) -> list[ServerSentEvent] | None:
+    """The text before ``entry`` that Redis lacks (trimmed, or dropped while it failed), from the store.
+
+    None when the store has not caught up yet.
+    """
+    snapshot = await feed.refresh()
+    if snapshot is None or snapshot.job.attempts != entry.attempt:
+        return []  # gone, or a newer attempt: the store's view takes over
+    content = snapshot.job.content
+    if len(content) < entry.offset:
+        await asyncio.sleep(wait_s)
+        return None
+    return listener.text(0, content[: entry.offset])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -24,15 +25,19 @@ def unused_port() -> int:
 
 @pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
 def test_make_demo_from_a_clean_clone_runs_the_batch_on_the_local_model_and_leaves_nothing(tmp_path: Path) -> None:
-    # Given a clean clone, no provider key, and nothing listening at REDIS_URL
+    # Given a clean clone, an empty package cache, no provider key, and nothing listening at REDIS_URL
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(PROJECT_ROOT), str(clone)], check=True)
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(("OPENROUTER_", "ANTHROPIC_", "CLAUDE_", "PYTEST", "DATABASE_URL", "REDIS_URL"))
+        if not name.startswith(
+            ("OPENROUTER_", "ANTHROPIC_", "CLAUDE_", "PYTEST", "DATABASE_URL", "REDIS_URL", "UV_", "VIRTUAL_ENV")
+        )
     }
     env["REDIS_URL"] = f"redis://127.0.0.1:{unused_port()}/0"
+    # An empty package cache, so no cached wheel hides a missing install step
+    env["PIP_CACHE_DIR"] = str(tmp_path / "empty-pip-cache")
     # When `make demo` runs
     result = subprocess.run(
         ["make", "demo"], cwd=clone, env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S
@@ -44,5 +49,10 @@ def test_make_demo_from_a_clean_clone_runs_the_batch_on_the_local_model_and_leav
     log = (clone / ".run" / "stack.log").read_text()
     assert "embedded Valkey" in output + log
     assert "smollm2-135m" in output + log
+    assert "local model: answered its self-check completion" in output
+    # And the local model reported token usage, shown in the table
+    assert re.search(r"│ alice │ generate │ haiku +│ completed │ \d+ ", output), output[-4000:]
+    # And nothing compiled: llama-cpp-python is not installed
+    assert not list((clone / ".venv" / "lib").glob("python3*/site-packages/llama_cpp"))
     # And no process of the stack is left behind
     assert processes_under(clone) == []

@@ -9,6 +9,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import sys
 import threading
 import time
@@ -48,6 +49,9 @@ DemoMode = Literal["off", "serve", "exit"]
 WORKER_PROCESSES = 1
 WORKER_THREADS = 8
 WORKER_READY_LINE = "Worker process is ready for action."
+WEB_READY_LINE = "web: serving at"
+#: The operator page's port when ``WEB_PORT`` is unset and it is free; otherwise any free port.
+DEFAULT_WEB_PORT = 8000
 SCHEDULER_READY_LINE = "next cleanup at"
 #: How long the children get to stop after SIGTERM before they are killed, in seconds.
 STOP_GRACE_S = 15.0
@@ -149,6 +153,7 @@ def instructions(
     embedded: bool,
     project_root: Path,
     local_model: str | None = None,
+    web_url: str | None = None,
 ) -> str:
     """The banner printed once everything is ready: what runs where, and how to send a job."""
     shown_redis, shown_database = redacted_url(redis_url), redacted_url(database_url)
@@ -160,7 +165,11 @@ def instructions(
         f"(cleanup_old_jobs on {settings.cleanup_cron!r}, UTC).",
         f"  broker  {shown_redis}{broker_note}",
         f"  store   {shown_database}",
-        "",
+        *(
+            [f"  web     {web_url}operator  (the live operator page; the jobs API at {web_url}jobs)", ""]
+            if web_url
+            else [""]
+        ),
         "Send a job from another terminal:",
         "",
         f"  cd {shlex.quote(str(project_root))}",
@@ -220,6 +229,21 @@ def local_model_env(settings: Settings, base_url: str) -> dict[str, str]:
     else:
         env |= {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": LOCAL_API_KEY}
     return env
+
+
+def _web_port(configured: str | None) -> int:
+    """``WEB_PORT`` when set; else 8000 when it is free, else any free loopback port."""
+    if configured:
+        try:
+            return int(configured)
+        except ValueError:
+            raise StackFailure("WEB_PORT must be a port number") from None
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", DEFAULT_WEB_PORT))
+        except OSError:
+            return free_port()
+    return DEFAULT_WEB_PORT
 
 
 def _reports_healthy(port: int) -> bool:
@@ -392,8 +416,23 @@ def run_stack(
                 ready_marker=SCHEDULER_READY_LINE,
             ),
         ]
+        web_port = _web_port(os.environ.get("WEB_PORT"))
+        web_url = f"http://127.0.0.1:{web_port}/"
+        # make run is local use: the development identity (an X-User-Id header) is turned on explicitly here.
+        web_env = {**env, "WEB_DEV_IDENTITY": "true"}
+        children.append(
+            ChildProcess(
+                "web",
+                [sys.executable, "-m", "web", "--host", "127.0.0.1", "--port", str(web_port), "--model", model],
+                cwd=project_root,
+                env=web_env,
+                console=console,
+                ready_marker=WEB_READY_LINE,
+            )
+        )
         for child in children:
             child.start()
+        logger.info("web: the operator page will be at %soperator", web_url)
         logger.info(
             "worker: %d process, %d threads; scheduler: cleanup on %r",
             WORKER_PROCESSES,
@@ -409,6 +448,7 @@ def run_stack(
             embedded=valkey is not None,
             project_root=project_root,
             local_model=local_model_url,
+            web_url=web_url,
         )
         outcome: list[bool] = []
         demo_done, demo_stop = threading.Event(), threading.Event()

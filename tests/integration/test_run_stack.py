@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import TEST_API_KEY, unique
@@ -156,6 +157,8 @@ def start_stack(tmp_path: Path) -> Iterator[Callable[..., StackRun]]:
             **os.environ,
             "REDIS_URL": f"redis://127.0.0.1:{unused_loopback_port()}/0",
             "DATABASE_URL": f"sqlite:///{tmp_path / 'jobs.db'}",
+            # Not 8000: stacks of other tests (or a developer's make run) may hold it.
+            "WEB_PORT": str(unused_loopback_port()),
             # The embedded Valkey's files go here, so a run killed by the teardown leaves none in /tmp.
             "TMPDIR": str(tmp_path),
         }
@@ -198,6 +201,9 @@ def test_make_run_starts_an_embedded_valkey_migrates_sqlite_serves_the_local_mod
     assert "local model: serving smollm2-135m" in run.output
     assert run.output.index("local model: answered its self-check") < run.output.index("worker started")
     assert "Provider: the local model smollm2-135m at http://127.0.0.1:" in run.output
+    # And the web app serves the operator page at the URL the banner prints
+    operator_url = run.wait_for(r"^  web     (http://127\.0\.0\.1:\d+/operator)").group(1)
+    assert httpx.get(operator_url, timeout=10).status_code == 200
 
 
 def test_make_run_uses_the_redis_that_answers_at_redis_url(

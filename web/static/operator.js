@@ -41,6 +41,12 @@
   function renderLoads(loads) {
     const body = $("loads");
     body.replaceChildren();
+    if (!loads.length) {
+      const row = document.createElement("tr");
+      const td = cell(row, "no job running or waiting for a slot", "muted");
+      td.colSpan = 4;
+      body.append(row);
+    }
     for (const load of loads) {
       const row = document.createElement("tr");
       cell(row, load.user_id);

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import subprocess
+import sys
 import time
+from typing import Any
 
 import httpx
 import pytest
 
 import actors
-from repositories.live_text import stream_key
+from repositories.live_text import LiveEntry, stream_key
 from repositories.store import JobStatus
 from tests.conftest import unique
+from tests.harness import PROJECT_ROOT
 from tests.integration.conftest import Stack, params, wait_until
 from tests.loopback.openrouter import Reply
 from tests.web.support import WebServer, apply, header_user, read_events
@@ -195,3 +200,81 @@ def test_an_idle_stream_sends_keep_alive_comments(stack: Stack, http: httpx.Clie
     # Then keep-alive comments arrived while it waited
     assert reading.comments >= 1
     assert apply("", reading.events) == "late"
+
+
+def test_the_worker_writes_each_attempts_text_to_its_live_stream(stack: Stack, http: httpx.Client) -> None:
+    # Given a job that completes
+    key = unique("live")
+    stack.server.script_for(key, Reply.ok("live ", "text ", "here", chunk_delay_s=0.1))
+    _submit(http, unique("u"), key)
+    job = stack.wait_for_status(key)
+    # When the live stream in Redis is read
+    items: list[tuple[Any, dict[Any, Any]]] = actors.broker.client.xrange(stream_key(key))  # type: ignore[assignment]
+    entries = [entry for _, fields in items if (entry := LiveEntry.parse(fields)) is not None]
+    # Then it says the attempt began, holds its text at matching offsets, and that it ended
+    assert entries[0] == LiveEntry("reset", 1)
+    assert entries[-1] == LiveEntry("end", 1)
+    texts = [entry for entry in entries if entry.kind == "text"]
+    assert "".join(entry.text for entry in texts) == job.content == "live text here"
+    assert [entry.offset for entry in texts] == [sum(len(t.text) for t in texts[:i]) for i in range(len(texts))]
+
+
+def test_python_m_web_prints_its_url_and_serves_with_the_dev_identity(stack: Stack) -> None:
+    env = {**stack.env, "WEB_DEV_IDENTITY": "true"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "web", "--host", "127.0.0.1", "--port", "0"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("web: serving at http://127.0.0.1:"), line
+        url = line.split("serving at ", 1)[1].strip()
+        assert httpx.get(url + "jobs", headers={"X-User-Id": unique("u")}).json() == []
+        assert "operator" in httpx.get(url + "operator").text
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=10)
+    assert "WEB_DEV_IDENTITY is on" in stderr
+
+
+def test_python_m_web_refuses_to_start_without_an_identity(stack: Stack) -> None:
+    env = {**stack.env, "WEB_DEV_IDENTITY": "false"}
+    result = subprocess.run(
+        [sys.executable, "-m", "web", "--port", "0"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "WEB_DEV_IDENTITY" in result.stderr
+
+
+def test_a_redelivery_after_a_worker_crash_resets_the_stream_without_duplicating(
+    stack: Stack, http: httpx.Client
+) -> None:
+    # Given a client following a job on a worker that stalls half-way through the first attempt
+    stack.worker.stop()
+    doomed = stack.new_worker(f"web-doomed-{stack.backend}").start()
+    key = unique("crash")
+    stack.server.script_for(key, Reply.ok("first ", "attempt", stall_after_chunks=1), Reply.ok("second ", "life"))
+    user = {"X-User-Id": unique("u")}
+    _submit(http, user["X-User-Id"], key)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        following = pool.submit(read_events, http, f"jobs/{key}/events", headers=user, timeout=90)
+        try:
+            wait_until(
+                lambda: (job := stack.store.get(key)) and job.content == "first ", timeout=15, what="partial text"
+            )
+            # When that worker is killed and another takes the message over
+            doomed.kill()
+        finally:
+            stack.worker.start()
+        reading = following.result(timeout=90)
+    # Then the client was told to reset once, and shows the second attempt's text exactly
+    assert reading.of("text")[0].data == "first ", reading.events
+    assert len(reading.of("reset")) == 1, reading.events
+    assert apply("", reading.events) == "second life", reading.events
+    assert reading.done is not None
+    assert reading.done["attempts"] == 2

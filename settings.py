@@ -91,6 +91,16 @@ class Settings(BaseSettings):
     """On SIGTERM, running jobs may go on this long before they are handed back to the queue, in seconds."""
     worker_poll_interval_ms: Annotated[int, Field(ge=10, le=1000)] = 20
     """The longest an idle queue consumer sleeps between Redis polls, in milliseconds."""
+    database_connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 3.0
+    """Longest wait to open a PostgreSQL connection or take one from the pool, in seconds."""
+    database_statement_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """Longest a PostgreSQL statement may run (the client gives up 1 s later); SQLite's busy timeout, in seconds."""
+    redis_socket_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """Longest wait to connect to Redis, for an answer, or for a free pooled connection, in seconds."""
+    redis_max_connections: Annotated[int, Field(ge=2, le=10_000)] = 64
+    """Connections per Redis pool and process; a thread finding them all busy waits ``REDIS_SOCKET_TIMEOUT_S``."""
+    max_request_bytes: Annotated[int, Field(ge=1024)] = 2 * 1024 * 1024
+    """Largest request a job may carry: ``params`` (or a preview's title and content) as UTF-8 JSON, in bytes."""
     cancel_signals: bool = True
     """Signal cancels to the owning worker over Redis pub/sub; off, workers notice at their next heartbeat."""
     auto_migrate: bool = True

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dramatiq
 
 from actors import log_redaction, runtime
-from actors.wiring import actor_options, build_broker, build_runtime, job_metrics
+from actors.wiring import actor_options, build_broker, build_runtime, job_metrics, register_configured_secrets
 from settings import load_settings
 
 settings = load_settings()
+register_configured_secrets(settings)
 log_redaction.install()
 metrics = job_metrics(settings)
 broker = build_broker(settings, metrics)
@@ -32,6 +33,7 @@ from actors.tasks import (  # noqa: E402
     generate_llm_response,
     generate_preview,
 )
+from repositories.sql_deadline import StoreUnavailable  # noqa: E402
 from repositories.store import Job, JobKind, JobStatus  # noqa: E402
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "JobFailed",
     "JobKind",
     "JobStatus",
+    "StoreUnavailable",
     "broker",
     "cancel_job",
     "cancel_llm_job",

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import dramatiq
 
 from actors import runtime
-from actors.payloads import GenerateMessage, GenerationParams, JobRef, PreviewMessage, new_job_id
+from actors.payloads import (
+    GenerateMessage,
+    GenerationParams,
+    JobRef,
+    PreviewMessage,
+    is_job_id,
+    limits_context,
+    new_job_id,
+)
 from actors.tasks import generate_llm_response, generate_preview
 from middleware.limiters import UserLoad
 from middleware.throttle import throttle_of
+from repositories.sql_deadline import store_unavailable
 from repositories.store import Job, JobKind, JobStatus, utcnow
 
 logger = logging.getLogger(__name__)
@@ -23,8 +33,11 @@ def enqueue_generation(user_id: str, params: GenerationParams | dict[str, Any], 
     """Queue a generation for ``user_id`` and return its job id; the same ``job_id`` twice is one job.
 
     Raises ``ValueError`` (a pydantic ``ValidationError``) naming the bad field; nothing is then written.
+    Raises ``StoreUnavailable`` when the job store does not answer within its timeouts.
     """
-    message = GenerateMessage(job_id=job_id or new_job_id(), user_id=user_id, params=params)
+    message = GenerateMessage.model_validate(
+        {"job_id": job_id or new_job_id(), "user_id": user_id, "params": params}, context=_limits()
+    )
     payload = message.model_dump(mode="json", exclude_none=True)
     _submit(
         message.job_id,
@@ -38,7 +51,10 @@ def enqueue_generation(user_id: str, params: GenerationParams | dict[str, Any], 
 
 def enqueue_preview(user_id: str, title: str, content: str, *, job_id: str | None = None) -> str:
     """Queue a tile preview for ``user_id`` and return its job id; the same ``job_id`` twice is one job."""
-    message = PreviewMessage(job_id=job_id or new_job_id(), user_id=user_id, title=title, content=content)
+    message = PreviewMessage.model_validate(
+        {"job_id": job_id or new_job_id(), "user_id": user_id, "title": title, "content": content},
+        context=_limits(),
+    )
     payload = message.model_dump(mode="json")
     _submit(
         message.job_id,
@@ -50,12 +66,34 @@ def enqueue_preview(user_id: str, title: str, content: str, *, job_id: str | Non
     return message.job_id
 
 
+def _limits() -> dict[str, Any]:
+    return limits_context(runtime.options().max_request_bytes)
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Turn a store outage or timeout into ``StoreUnavailable`` (its text carries no SQL and no prompt)."""
+    try:
+        yield
+    except Exception as exc:
+        unavailable = store_unavailable(exc)
+        if unavailable is None:
+            raise
+        raise unavailable from None
+
+
 def _submit(job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], send: Callable[[], object]) -> None:
     """Write the pending row, then send the message; a row whose message never left is sent again."""
     store = runtime.current().store
-    if not store.create(job_id=job_id, user_id=user_id, kind=kind, request=request):
-        existing = store.get(job_id)
-        if existing is not None and (existing.user_id != user_id or existing.kind is not kind):
+    with _store_errors():
+        created = store.create(job_id=job_id, user_id=user_id, kind=kind, request=request)
+        existing = None if created else store.get(job_id)
+    if not created:
+        if existing is not None and existing.user_id != user_id:
+            # The same answer as a duplicate of one's own job: nothing tells that this id is someone else's.
+            logger.warning("enqueue ignored: job_id belongs to another user", extra={"job_id": job_id})
+            return
+        if existing is not None and existing.kind is not kind:
             raise ValueError(f"job_id: {job_id!r} is already used by another job")
         if existing is None or existing.status is not JobStatus.PENDING or existing.enqueued_at is not None:
             logger.info("duplicate enqueue ignored", extra={"job_id": job_id, "user_id": user_id})
@@ -64,9 +102,11 @@ def _submit(job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], s
     try:
         send()
     except Exception:
-        store.delete_unsent(job_id)
+        with _store_errors():
+            store.delete_unsent(job_id)
         raise
-    store.mark_enqueued(job_id)
+    with _store_errors():
+        store.mark_enqueued(job_id)
     logger.info("job enqueued", extra={"job_id": job_id, "user_id": user_id, "kind": str(kind)})
 
 
@@ -101,14 +141,16 @@ def cancel_job(job_id: str, user_id: str) -> bool:
     if not isinstance(job_id, str) or not isinstance(user_id, str):
         return False
     JobRef.model_validate({"job_id": job_id, "user_id": user_id})
-    return runtime.current().cancel(job_id, user_id)
+    with _store_errors():
+        return runtime.current().cancel(job_id, user_id)
 
 
 def get_job(job_id: str, user_id: str | None = None) -> Job | None:
     """The job, or None when unknown or (with ``user_id``) another user's."""
-    if not isinstance(job_id, str) or not job_id:
-        return None
-    job = runtime.current().store.get(job_id)
+    if not is_job_id(job_id):
+        return None  # e.g. a NUL byte: no job can have this id, and the store need not be asked
+    with _store_errors():
+        job = runtime.current().store.get(job_id)
     if job is None or (user_id is not None and job.user_id != user_id):
         return None
     return job

@@ -9,7 +9,6 @@ arguments or invalid input, 1 for a job that did not complete or a service that 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -18,16 +17,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import dramatiq.errors
 import redis
 from pydantic import ValidationError
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 import actors
 from actors import runtime
+from repositories.redaction import redact
+from repositories.sql_deadline import StoreUnavailable
 from repositories.store import Job, JobStatus, JobStore, utcnow
 
 PROG = "llm-jobs"
@@ -94,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except SQLAlchemyError as exc:
         _fail(f"error: cannot use the job store (DATABASE_URL): {_database_error(exc)}")
+        return EXIT_FAILED
+    except StoreUnavailable as exc:
+        _fail(f"error: cannot use the job store (DATABASE_URL): {exc}")
         return EXIT_FAILED
 
 
@@ -264,11 +266,10 @@ def _cancel(args: argparse.Namespace) -> int:
     if actors.cancel_job(args.job_id, user_id=args.user):
         print("cancelled")
         return EXIT_OK
-    job = actors.get_job(args.job_id)
+    # Another user's job gets the same answer as an unknown id: nothing tells that it exists.
+    job = actors.get_job(args.job_id, user_id=args.user)
     if job is None:
-        reason = f"no job {args.job_id!r}"
-    elif job.user_id != args.user:
-        reason = f"job {args.job_id} belongs to another user"
+        reason = f"no job {args.job_id!r} of user {args.user!r}"
     elif job.status.is_final:
         reason = f"job {args.job_id} is already {job.status}"
     else:
@@ -496,19 +497,8 @@ def _database_error(exc: SQLAlchemyError) -> str:
 
 
 def _one_line(text: str) -> str:
-    """The first non-empty line of ``text``, with every known secret masked."""
-    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
-    for secret in _secrets():
-        line = line.replace(secret, "***")
-    return line
-
-
-def _secrets() -> list[str]:
-    settings = actors.settings
-    found = [key.get_secret_value() for key in (settings.openrouter_api_key, settings.anthropic_api_key) if key]
-    with contextlib.suppress(ValueError, SQLAlchemyError):
-        found += [make_url(settings.database_url).password or "", urlsplit(settings.redis_url).password or ""]
-    return [secret for secret in found if secret]
+    """The first non-empty line of ``text``, with every secret masked (``repositories.redaction``)."""
+    return next((redact(part.strip()) for part in text.splitlines() if part.strip()), "")
 
 
 def _fail(message: str) -> None:

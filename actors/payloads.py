@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, ValidationInfo, field_validator
 
-from repositories.chat import ChatRequest
+from repositories.chat import ChatRequest, StorableText
 
 JobId = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
-UserId = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+UserId = Annotated[StorableText, StringConstraints(min_length=1, max_length=255)]
+
+#: The request size limit when validation is given none (``MAX_REQUEST_BYTES`` sets it: ``limits_context``).
+DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024
+
+
+def limits_context(max_request_bytes: int) -> dict[str, Any]:
+    """The pydantic validation context that applies ``max_request_bytes`` to a message."""
+    return {"max_request_bytes": max_request_bytes}
+
+
+def _check_size(size: int, info: ValidationInfo) -> None:
+    limit = (info.context or {}).get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
+    if size > limit:
+        raise ValueError(f"request is {size} bytes as JSON, above the limit of {limit} (MAX_REQUEST_BYTES)")
+
+
+def is_job_id(value: object) -> bool:
+    """True when ``value`` can be a job id (so looking it up can find a job)."""
+    try:
+        JobRef.model_validate({"job_id": value, "user_id": "-"})
+    except ValidationError:
+        return False
+    return True
+
 
 #: What web code may pass as ``params``: a dict or this model.
 GenerationParams = ChatRequest
@@ -30,6 +55,12 @@ class GenerateMessage(BaseModel):
     user_id: UserId
     params: GenerationParams
 
+    @field_validator("params")
+    @classmethod
+    def _params_fit_the_size_limit(cls, params: GenerationParams, info: ValidationInfo) -> GenerationParams:
+        _check_size(len(params.model_dump_json(exclude_none=True).encode()), info)
+        return params
+
 
 class PreviewMessage(BaseModel):
     """The payload of ``generate_preview``."""
@@ -38,8 +69,15 @@ class PreviewMessage(BaseModel):
 
     job_id: JobId
     user_id: UserId
-    title: Annotated[str, StringConstraints(max_length=1_000)]
-    content: Annotated[str, StringConstraints(max_length=500_000)]
+    title: Annotated[StorableText, StringConstraints(max_length=1_000)]
+    content: Annotated[StorableText, StringConstraints(max_length=500_000)]
+
+    @field_validator("content")
+    @classmethod
+    def _request_fits_the_size_limit(cls, content: str, info: ValidationInfo) -> str:
+        title = info.data.get("title") or ""
+        _check_size(len(json.dumps({"title": title, "content": content}, ensure_ascii=False).encode()), info)
+        return content
 
 
 class JobRef(BaseModel):

@@ -11,6 +11,7 @@ import dramatiq
 
 from actors.cancellation import CancelSignals, cancel
 from actors.jobs import JobRunner
+from actors.payloads import DEFAULT_MAX_REQUEST_BYTES
 from middleware.limiters import ConcurrencyLimit, UserLimit
 from middleware.throttle import throttle_of
 from repositories.store import JobStore
@@ -50,6 +51,7 @@ class ActorOptions:
     generate_time_limit_ms: int = 960_000
     preview_time_limit_ms: int = 120_000
     retention_days: int = 7
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     generate_user_limit: UserLimit = field(default_factory=lambda: ConcurrencyLimit(5))
     preview_user_limit: UserLimit = field(default_factory=lambda: ConcurrencyLimit(10))
 

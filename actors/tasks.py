@@ -17,6 +17,7 @@ from actors.payloads import (
     JobRef,
     PreviewMessage,
     describe_validation_error,
+    limits_context,
     salvage_identity,
 )
 from repositories.store import JobKind, utcnow
@@ -46,7 +47,7 @@ def _delivery(max_retries: int) -> Delivery:
 def _validated(model: type[Payload], payload: dict[str, Any], kind: JobKind | None) -> Payload:
     """Validate a message payload; an invalid one fails its job (when identifiable) and is never retried."""
     try:
-        return model.model_validate(payload)
+        return model.model_validate(payload, context=limits_context(runtime.options().max_request_bytes))
     except ValidationError as exc:
         reason = describe_validation_error(exc)
         job_id, user_id = salvage_identity(payload)
@@ -93,9 +94,19 @@ def cancel_llm_job(job_id: Any = None, user_id: Any = None, **unexpected: Any) -
     runtime.current().cancel(ref.job_id, ref.user_id)
 
 
-@dramatiq.actor(queue_name="llm_control", max_retries=3)
-def cleanup_old_jobs(retention_days: int | None = None) -> None:
-    """Delete finished jobs older than ``JOB_RETENTION_DAYS``; pending and processing jobs are never touched."""
+@dramatiq.actor(queue_name="llm_control", max_retries=3, throws=(InvalidPayload,))
+def cleanup_old_jobs(retention_days: Any = None) -> None:
+    """Delete finished jobs older than ``JOB_RETENTION_DAYS``; pending and processing jobs are never touched.
+
+    ``retention_days`` overrides the setting; it must be a whole number of at least 1, else the message
+    is rejected (never retried) and nothing is deleted.
+    """
+    if retention_days is not None and (
+        isinstance(retention_days, bool) or not isinstance(retention_days, int) or retention_days < 1
+    ):
+        reason = "invalid payload: retention_days: must be a whole number of days, at least 1"
+        logger.warning("invalid message rejected: %s", reason)
+        raise InvalidPayload(reason)
     days = retention_days if retention_days is not None else runtime.options().retention_days
     cutoff = utcnow() - timedelta(days=days)
     deleted = runtime.current().store.delete_finished_before(cutoff)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import dramatiq
 import redis
@@ -17,11 +18,14 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 from dramatiq.rate_limits.backends import RedisBackend as RateLimitRedisBackend
+from pydantic import SecretStr
 
 from actors import runtime
 from actors.cancellation import CancelSignals
 from actors.jobs import JobRunner, RetryPolicy
+from actors.payloads import salvage_identity
 from actors.runtime import ActorOptions, Runtime
+from middleware.bad_messages import MalformedMessages, RedactTracebacks
 from middleware.graceful_shutdown import GracefulShutdown
 from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
 from middleware.log_format import LogFormat
@@ -33,7 +37,8 @@ from repositories.chat import ChatProvider
 from repositories.live_text import LiveText, RedisLiveText
 from repositories.migrations import upgrade_database
 from repositories.openrouter import OpenRouterProvider
-from repositories.store import JobStore, create_store_engine
+from repositories.redaction import register_secrets, url_password
+from repositories.store import JobKind, JobStore, create_store_engine
 from settings import ConfigurationError, ProviderName, Settings, UserLimitKind
 
 logger = logging.getLogger(__name__)
@@ -46,8 +51,11 @@ MAINTENANCE_CHANCE = 100_000
 
 def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> WakingRedisBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     middleware: list[dramatiq.Middleware] = [
+        # Before anything reads message.kwargs: a call the actor cannot take is dead-lettered, never retried.
+        MalformedMessages(on_rejected=_record_malformed),
+        RedactTracebacks(),
         # First, so that whatever skips a message later still finds its throttle slot released.
         UserThrottle(
             leases=RedisLeaseStore(client),
@@ -81,11 +89,53 @@ def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> Wakin
         # multiprocess mode at process boot before JobMetrics creates its metrics.
         middleware += [metrics, Prometheus()]
     return WakingRedisBroker(
-        url=settings.redis_url,
+        client=redis_client(settings),
         middleware=middleware,
         heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
         maintenance_chance=MAINTENANCE_CHANCE,
     )
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A Redis client whose every wait is bounded by ``REDIS_SOCKET_TIMEOUT_S``: connecting, each answer, and
+    taking a connection from its pool of ``REDIS_MAX_CONNECTIONS`` (a thread finding them all busy waits for
+    one instead of failing with "Too many connections")."""
+    pool = redis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_socket_timeout_s,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_socket_timeout_s,
+    )
+    return redis.Redis(connection_pool=pool)
+
+
+def register_configured_secrets(settings: Settings) -> None:
+    """Have ``repositories.redaction`` mask every secret the settings hold: API keys and URL passwords."""
+    values = [getattr(settings, name) for name in type(settings).model_fields]
+    register_secrets(value.get_secret_value() for value in values if isinstance(value, SecretStr))
+    register_secrets(url_password(url) for url in (settings.database_url, settings.redis_url))
+
+
+#: The job kind of each actor that runs jobs, to fail the job of a malformed message.
+_ACTOR_KINDS = {"generate_llm_response": JobKind.GENERATE, "generate_preview": JobKind.PREVIEW}
+
+
+def _record_malformed(message: Any, reason: str) -> None:
+    """Fail the job a malformed message names (when it names one usably) with the reason."""
+    kind = _ACTOR_KINDS.get(message.actor_name)
+    if kind is None:
+        return
+    fields: dict[str, Any] = {}
+    if isinstance(message.args, list | tuple):
+        fields.update(zip(("job_id", "user_id"), message.args, strict=False))
+    if isinstance(message.kwargs, dict):
+        fields.update({name: message.kwargs[name] for name in ("job_id", "user_id") if name in message.kwargs})
+    job_id, user_id = salvage_identity(fields)
+    if job_id is not None:
+        runtime.current().store.record_invalid(
+            job_id=job_id, user_id=user_id, kind=kind, error=f"invalid message: {reason}"
+        )
 
 
 def job_metrics(settings: Settings) -> JobMetrics | None:
@@ -153,6 +203,7 @@ def actor_options(settings: Settings) -> ActorOptions:
         generate_time_limit_ms=(settings.generate_timeout_s + 60) * 1000,
         preview_time_limit_ms=(settings.preview_timeout_s + 60) * 1000,
         retention_days=settings.job_retention_days,
+        max_request_bytes=settings.max_request_bytes,
         generate_user_limit=user_limit(settings, settings.generate_user_concurrency),
         preview_user_limit=user_limit(settings, settings.preview_user_concurrency),
     )
@@ -168,11 +219,15 @@ def live_text(settings: Settings) -> LiveText | None:
 
 def build_runtime(settings: Settings, metrics: JobMetrics | None = None) -> Runtime:
     """The job store (migrated when ``AUTO_MIGRATE`` is on), the job runner and the cancel signals."""
-    engine = create_store_engine(settings.database_url)
+    engine = create_store_engine(
+        settings.database_url,
+        connect_timeout_s=settings.database_connect_timeout_s,
+        statement_timeout_s=settings.database_statement_timeout_s,
+    )
     if settings.auto_migrate:
         upgrade_database(engine)
     store = JobStore(engine)
-    signals = CancelSignals(redis.Redis.from_url(settings.redis_url)) if settings.cancel_signals else None
+    signals = CancelSignals(redis_client(settings)) if settings.cancel_signals else None
     runner = JobRunner(
         store=store,
         # Built once per process and shared by its threads; a factory that raises is tried again next job.

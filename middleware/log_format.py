@@ -42,7 +42,8 @@ class JsonFormatter(logging.Formatter):
             if hasattr(record, name):
                 payload[name] = getattr(record, name)
         if record.exc_info:
-            payload["exc_info"] = self.formatException(record.exc_info)
+            # exc_text, when set, is the masked text (actors.log_redaction): never format the exception again.
+            payload["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(payload, default=str)
 
 

@@ -85,10 +85,15 @@ class UserThrottle(dramatiq.Middleware):
         self.sweep_interval_ms = sweep_interval_ms
         self.on_waiting = on_waiting
         self._held: dict[str, tuple[str, int]] = {}
+        self._unreleased: list[tuple[str, str, int]] = []
+        self._backend_down = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._broker: dramatiq.Broker | None = None
+
+    #: How long a message waits in the delay queue when the limiter's backend cannot be reached, in ms.
+    BACKEND_DOWN_DELAY_MS = 2_000
 
     @property
     def actor_options(self) -> set[str]:
@@ -109,6 +114,33 @@ class UserThrottle(dramatiq.Middleware):
         self._stop.set()
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        """Take a slot for the message's user, or park the message and skip it; never run it without one.
+
+        Fails closed: when the limiter's backend cannot be reached (Redis down, its pool exhausted past
+        its timeout) the message goes back to the queue after ``BACKEND_DOWN_DELAY_MS`` without spending
+        a retry, logged once per outage. Should the broker be unreachable too, the message is held here
+        (unacked) and admission is tried again with a backoff.
+        """
+        wait_s = 0.1
+        while True:
+            try:
+                self._admit(broker, message)
+            except SkipMessage:
+                raise
+            except Exception as exc:
+                self._backend_failed("taking a slot", exc)
+            else:
+                self._backend_answered()
+                return
+            try:
+                broker.enqueue(message.copy(), delay=self.BACKEND_DOWN_DELAY_MS)
+            except Exception:
+                time.sleep(wait_s)
+                wait_s = min(wait_s * 2, 5.0)
+                continue
+            raise SkipMessage("throttle backend unreachable: back to the queue after a delay")
+
+    def _admit(self, broker: dramatiq.Broker, message: Any) -> None:
         """Take a slot for the message's user, or park the message and skip it."""
         limit, user_id = self._limit_for(broker, message)
         if limit is None or user_id is None:
@@ -208,7 +240,51 @@ class UserThrottle(dramatiq.Middleware):
         if held is None:
             return
         key, limit = held
-        self._enqueue_handoffs(broker, self.leases.release(key, message_id, limit=limit, lease_ms=self.lease_ms))
+        self._try_release(broker, key, message_id, limit)
+
+    def _try_release(self, broker: dramatiq.Broker, key: str, holder: str, limit: int) -> bool:
+        """Release one slot; a failed release is kept and retried by the maintenance thread, not left to expire."""
+        try:
+            entries = self.leases.release(key, holder, limit=limit, lease_ms=self.lease_ms)
+        except Exception as exc:
+            with self._lock:
+                self._unreleased.append((key, holder, limit))
+            self._backend_failed("releasing a slot", exc)
+            return False
+        self._backend_answered()
+        try:
+            self._enqueue_handoffs(broker, entries)
+        except Exception as exc:  # the handoffs' safety copies are re-enqueued by the sweep (stale_handoffs)
+            logger.warning("could not enqueue a throttle handoff now (%s); the sweep will", type(exc).__name__)
+        return True
+
+    def _retry_releases(self, broker: dramatiq.Broker) -> None:
+        with self._lock:
+            pending, self._unreleased = self._unreleased, []
+        for index, (key, holder, limit) in enumerate(pending):
+            if not self._try_release(broker, key, holder, limit):
+                with self._lock:
+                    self._unreleased.extend(pending[index + 1 :])
+                return
+        if pending:
+            logger.info("released %d throttle slots kept over a backend outage", len(pending))
+
+    def _backend_failed(self, doing: str, exc: Exception) -> None:
+        with self._lock:
+            first, self._backend_down = not self._backend_down, True
+        if first:
+            logger.warning(
+                "throttle backend unreachable while %s (%s): jobs wait in the queue until it answers",
+                doing,
+                type(exc).__name__,
+            )
+
+    def _backend_answered(self) -> None:
+        if self._backend_down:
+            with self._lock:
+                recovered, self._backend_down = self._backend_down, False
+            if recovered:
+                logger.info("throttle backend answers again")
 
     def _enqueue_handoffs(self, broker: dramatiq.Broker, entries: list[bytes]) -> None:
         for entry in entries:
@@ -223,6 +299,8 @@ class UserThrottle(dramatiq.Middleware):
         next_renew = next_sweep = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
+            if self._unreleased and self._broker is not None:
+                self._retry_releases(self._broker)
             try:
                 if now >= next_renew:
                     with self._lock:

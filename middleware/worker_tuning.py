@@ -9,6 +9,9 @@ from typing import Any
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff
+from dramatiq.errors import DecodeError
+
+from middleware.bad_messages import dead_letter_undecodable
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ class WakingRedisBroker(RedisBroker):
     Messages enqueued by other processes are still found by polling.
 
     Only ``consumer_class`` (a documented hook of ``RedisBroker``) and ``enqueue`` are overridden; the
-    consumer's own fetch, ack and requeue logic is Dramatiq's.
+    consumer's own fetch, ack and requeue logic is Dramatiq's. A body that cannot be decoded is
+    dead-lettered with a reason instead of crashing the consumer (``middleware.bad_messages``).
     """
 
     #: Off, consumers only poll, as with Dramatiq's own broker (``bench/throttle.py`` measures both).
@@ -98,7 +102,13 @@ class _WakingConsumer(_RedisConsumer):
         # Cleared before the fetch: a message enqueued after this point either is fetched now or sets the
         # event again, so the wait below returns at once; no wake-up is lost.
         self.wakeup.clear()
-        message = super().__next__()  # type: ignore[no-untyped-call]
+        while True:
+            try:
+                message = super().__next__()  # type: ignore[no-untyped-call]
+                break
+            except DecodeError as error:
+                # Dramatiq's consumer would crash here and strand the rest of its batch; the cache keeps the rest.
+                dead_letter_undecodable(self.broker, self.queue_name, error)
         if message is not None:
             self.idle_misses = 0
             return message

@@ -20,6 +20,7 @@ from repositories.errors import (
     error_for_status,
 )
 from repositories.openrouter import parse_retry_after
+from repositories.redaction import redact, register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +53,6 @@ def usage_of(raw: Any) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=count("output_tokens"))
 
 
-def redact(text: str, secret: str) -> str:
-    """Return ``text`` with every occurrence of ``secret`` replaced, so a key can never reach an error message."""
-    return text.replace(secret, "[redacted]") if secret else text
-
-
 class AnthropicProvider:
     """Streams one completion from ``POST {base_url}/v1/messages`` per call; no retries of its own.
 
@@ -76,6 +72,7 @@ class AnthropicProvider:
     ) -> None:
         """Keep the settings; ``base_url`` None means the SDK default (or ``ANTHROPIC_BASE_URL``)."""
         self._api_key = api_key
+        register_secret(api_key)
         self._base_url = base_url
         self._timeout = anthropic.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._default_max_tokens = default_max_tokens
@@ -154,8 +151,8 @@ class AnthropicProvider:
     def _status_error(self, exc: anthropic.APIStatusError) -> ProviderError:
         """Classify an error status by its HTTP status, or an ``event: error`` inside a stream by its type."""
         error_type = exc.type or None
-        detail = exc.api_message or (exc.message[:300] if exc.message else "request failed")
-        message = redact(f"{error_type}: {detail}" if error_type else detail, self._api_key)
+        detail = exc.api_message or (redact(exc.message)[:300] if exc.message else "request failed")
+        message = f"{error_type}: {detail}" if error_type else detail
         logger.debug(
             "Anthropic error %s (%s), request id %s",
             exc.status_code,

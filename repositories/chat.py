@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+#: Characters neither job store can hold: NUL (PostgreSQL text and JSONB) and lone surrogates (not UTF-8).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(value: str) -> str:
+    """``value`` unchanged, or ``ValueError`` when it holds a character the job stores cannot keep."""
+    found = _UNSTORABLE.search(value)
+    if found is None:
+        return value
+    if found.group() == "\x00":
+        raise ValueError("must not contain NUL characters (\\x00)")
+    raise ValueError("must not contain unpaired surrogate characters")
+
+
+#: A string that both stores can hold; the error names the field.
+StorableText = Annotated[str, AfterValidator(storable_text)]
+
+ModelName = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), AfterValidator(storable_text)
+]
 
 
 class ChatMessage(BaseModel):
@@ -17,7 +37,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, StringConstraints(max_length=1_000_000)]
+    content: Annotated[StorableText, StringConstraints(max_length=1_000_000)]
 
 
 class ChatRequest(BaseModel):
@@ -30,7 +50,7 @@ class ChatRequest(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     max_tokens: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: StorableText | Annotated[list[StorableText], Field(max_length=16)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
 

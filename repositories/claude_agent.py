@@ -39,6 +39,7 @@ from repositories.errors import (
     Unavailable,
     error_for_status,
 )
+from repositories.redaction import redact, register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class ClaudeAgentProvider:
     ) -> None:
         """Keep the settings; ``base_url`` None keeps the CLI's default endpoint, ``cli_path`` None the bundled CLI."""
         self._api_key = api_key
+        register_secret(api_key)
         self._base_url = base_url
         self._wall_clock_limit_s = wall_clock_limit_s
         self._interrupt_timeout_s = interrupt_timeout_s
@@ -291,9 +293,8 @@ class ClaudeAgentProvider:
 
     def _failure(self, status: int | None, text: str, turn: _Turn) -> ProviderError:
         """Classify a failed turn: by the API's HTTP status when the CLI reports one, else by its error kind."""
-        message = text.strip()[:1000] or "the Claude Code CLI reported an error"
-        if self._api_key:
-            message = message.replace(self._api_key, "[redacted]")
+        # ProviderError masks the key (repositories.redaction); masking first keeps a cut key from surviving.
+        message = redact(text.strip())[:1000] or "the Claude Code CLI reported an error"
         if status is not None:
             return error_for_status(status, message, provider=self._name)
         if turn.assistant_error in REJECTED_ASSISTANT_ERRORS:

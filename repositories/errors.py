@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from repositories.redaction import redact
+
 #: 4xx statuses worth another attempt (every 5xx is too): request timeout, conflict, rate limit.
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 #: Error codes that, even inside a started stream, mean the request itself is refused.
@@ -11,7 +13,8 @@ PERMANENT_STREAM_ERROR_CODES = frozenset({400, 401, 402, 403, 404, 422})
 class ProviderError(Exception):
     """A provider call failed; ``status_code`` is the provider's HTTP status (None for network failures).
 
-    ``str(error)`` is safe to store and log: it holds the status and the provider's message, never a key.
+    ``str(error)`` is safe to store and log: it holds the status and the provider's message, with every
+    secret and key-shaped string masked by ``repositories.redaction`` (the one place every provider uses).
     """
 
     retryable: bool = False
@@ -24,7 +27,7 @@ class ProviderError(Exception):
         status_code: int | None = None,
         retry_after_s: float | None = None,
     ) -> None:
-        self.message = message[:1000]
+        self.message = redact(message)[:1000]
         self.provider = provider
         self.status_code = status_code
         self.retry_after_s = retry_after_s

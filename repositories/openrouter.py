@@ -22,6 +22,7 @@ from repositories.errors import (
     Unavailable,
     error_for_status,
 )
+from repositories.redaction import redact, register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def _error_message(body: bytes, fallback: str) -> str:
     try:
         payload = json.loads(body)
     except ValueError:
-        text = body.decode("utf-8", "replace").strip()
+        # Masked before it is cut: a key cut in half would no longer be recognised.
+        text = redact(body.decode("utf-8", "replace").strip())
         return text[:300] or fallback
     if isinstance(payload, dict):
         error = payload.get("error")
@@ -73,6 +75,7 @@ class OpenRouterProvider:
     ) -> None:
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
+        register_secret(api_key)
         # Loading the CA bundle costs tens of milliseconds of CPU: once per provider, not once per job.
         self._ssl_context = ssl.create_default_context()
         self._timeout = httpx.Timeout(connect_timeout_s, read=read_timeout_s)

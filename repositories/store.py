@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from repositories.redaction import redact
+from repositories.sql_deadline import StatementDeadline
 
 logger = logging.getLogger(__name__)
 
@@ -184,22 +188,50 @@ def normalize_database_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_store_engine(url: str, *, pool_size: int = 10) -> Engine:
-    """Build an engine for SQLite (WAL, busy timeout) or PostgreSQL (pre-ping, sized pool)."""
+def create_store_engine(
+    url: str, *, pool_size: int = 10, connect_timeout_s: float = 3.0, statement_timeout_s: float = 5.0
+) -> Engine:
+    """Build an engine for SQLite (WAL, busy timeout) or PostgreSQL (pre-ping, sized pool), every wait bounded.
+
+    PostgreSQL: libpq's ``connect_timeout`` and the pool's checkout wait are ``connect_timeout_s``; the
+    server's ``statement_timeout`` is ``statement_timeout_s``, and a client-side deadline one second later
+    interrupts any call a silent server never answers (``StatementDeadline``). SQLite waits at most
+    ``statement_timeout_s`` for the write lock. Bound parameters (prompts, generated text) never appear in
+    SQLAlchemy's error messages or logs (``hide_parameters``).
+    """
     url = normalize_database_url(url)
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        busy_ms = max(1, int(statement_timeout_s * 1000))
+        engine = create_engine(
+            url,
+            connect_args={"timeout": statement_timeout_s, "check_same_thread": False},
+            hide_parameters=True,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=pool_size)
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_timeout=connect_timeout_s,
+        hide_parameters=True,
+        connect_args={
+            # libpq counts whole seconds and treats anything below 2 as 2.
+            "connect_timeout": max(2, math.ceil(connect_timeout_s)),
+            "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
+        },
+    )
+    StatementDeadline(statement_timeout_s + 1.0).install(engine)
+    return engine
 
 
 class JobStore:
@@ -240,7 +272,9 @@ class JobStore:
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         statement = dialect.insert(JobRow).values(values).on_conflict_do_nothing()
         with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
+            # Without preserve_rowcount, psycopg 3 under SQLAlchemy 2.x reports -1 for this INSERT.
+            result = connection.execute(statement, execution_options={"preserve_rowcount": True})
+            return result.rowcount == 1
 
     def record_invalid(self, *, job_id: str, user_id: str, kind: JobKind, error: str) -> bool:
         """Fail a job whose message payload is invalid, creating the row if it is missing."""
@@ -330,6 +364,8 @@ class JobStore:
         """Compare-and-set the status to ``target``; True when this call made the change."""
         now = utcnow()
         values = {"status": str(target), "updated_at": now, **values}
+        if isinstance(values.get("error"), str):
+            values["error"] = redact(values["error"])
         if target.is_final:
             values.setdefault("finished_at", now)
         statement = (

@@ -11,6 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 
+from repositories.sql_deadline import unbounded
+
 logger = logging.getLogger(__name__)
 
 _SCRIPT_LOCATION = str(Path(__file__).resolve().parent)
@@ -42,11 +44,18 @@ def upgrade_database(engine: Engine) -> None:
     On PostgreSQL an advisory lock serialises the processes. SQLite serialises writers itself, so a
     process that loses the race finds the database already at head and stops there.
     """
+    with unbounded():
+        _upgrade(engine)
+
+
+def _upgrade(engine: Engine) -> None:
+    # Waiting for another process's migration, or a long DDL statement, is not an outage: no timeouts here.
     if current_revision(engine) == head_revision():
         return
     config = alembic_config()
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
         config.attributes["connection"] = connection
         try:

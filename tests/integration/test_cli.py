@@ -384,10 +384,11 @@ def test_cancel_says_why_a_job_was_not_cancelled_and_exits_one(
         run(capsys, "cancel", key, "--user", "u2"),
         run(capsys, "cancel", key, "--user", "u1"),
     ]
-    # Then each refusal is one line with its reason and exit status 1, and the job stays completed
+    # Then each refusal is one line with its reason and exit status 1, and the job stays completed;
+    # another user's job gets the answer of an unknown id: nothing tells that it exists
     assert results == [
-        (1, "", f"llm-jobs cancel: not cancelled: no job {unknown!r}\n"),
-        (1, "", f"llm-jobs cancel: not cancelled: job {key} belongs to another user\n"),
+        (1, "", f"llm-jobs cancel: not cancelled: no job {unknown!r} of user 'u1'\n"),
+        (1, "", f"llm-jobs cancel: not cancelled: no job {key!r} of user 'u2'\n"),
         (1, "", f"llm-jobs cancel: not cancelled: job {key} is already completed\n"),
     ]
     job = stack.store.get(key)

@@ -38,12 +38,16 @@ def test_the_preview_api_names_the_bad_field(stack: Stack) -> None:
         enqueue_preview(user_id="u1", title="t", content=None)  # type: ignore[arg-type]
 
 
-def test_a_job_id_of_another_user_is_refused(stack: Stack) -> None:
+def test_a_job_id_of_another_user_is_ignored_like_a_duplicate(stack: Stack) -> None:
     key = unique("job")
     stack.server.script_for(key, Reply.ok("x"))
     enqueue_generation(user_id="u1", params=params(key), job_id=key)
-    with pytest.raises(ValueError, match="job_id"):
-        enqueue_generation(user_id="u2", params=params(key), job_id=key)
+    # An error here would tell u2 that the id exists; the enqueue is ignored as a duplicate would be.
+    assert enqueue_generation(user_id="u2", params=params(key), job_id=key) == key
+    assert get_job(key, user_id="u2") is None
+    job = stack.wait_for_status(key)
+    assert job.user_id == "u1"
+    assert job.status is JobStatus.COMPLETED
 
 
 def test_a_raw_invalid_message_fails_its_job_without_retry_and_the_worker_goes_on(stack: Stack) -> None:

@@ -209,7 +209,13 @@ class _AnthropicHandler(_Handler):
         try:
             self._pause(reply.headers_delay_s)
             if reply.is_error:
-                self._send_error_body(reply.status, reply.error_message, reply.retry_after, reply.effective_error_type)
+                self._send_error_body(
+                    reply.status,
+                    reply.error_message,
+                    reply.retry_after,
+                    reply.effective_error_type,
+                    plain_text=reply.plain_text_body,
+                )
                 outcome = "done"
             elif record.streaming:
                 outcome = self._stream_message(record, reply)
@@ -234,13 +240,23 @@ class _AnthropicHandler(_Handler):
     # responses ------------------------------------------------------------------------------------
 
     def _send_error_body(
-        self, status: int, message: str, retry_after: str | None, error_type: str | None = None
+        self,
+        status: int,
+        message: str,
+        retry_after: str | None,
+        error_type: str | None = None,
+        *,
+        plain_text: bool = False,
     ) -> None:
         kind = error_type or ERROR_TYPE_FOR_STATUS.get(status, "api_error")
-        payload = _dumps({"type": "error", "error": {"type": kind, "message": message}})
+        if plain_text:
+            payload, content_type = message.encode(), "text/plain; charset=utf-8"
+        else:
+            payload = _dumps({"type": "error", "error": {"type": kind, "message": message}})
+            content_type = "application/json"
         self._check_stopping()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("request-id", _request_id())
         if retry_after is not None:

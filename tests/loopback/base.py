@@ -38,6 +38,7 @@ class ScriptedReply:
     status: int = 200
     retry_after: str | None = None
     error_message: str = "scripted error"
+    plain_text_body: bool = False  # an error status answered with ``error_message`` as text/plain, not JSON
     error_after_chunks: int | None = None
     drop_after_chunks: int | None = None
     drop_with_reset: bool = False

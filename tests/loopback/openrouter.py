@@ -223,7 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._pause(reply.headers_delay_s)
             if reply.is_error:
-                self._send_error_body(reply.status, reply.error_message, reply.retry_after)
+                self._send_error_body(
+                    reply.status, reply.error_message, reply.retry_after, plain_text=reply.plain_text_body
+                )
                 outcome = "done"
             else:
                 outcome = self._stream(record, reply)
@@ -282,11 +284,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     # responses ------------------------------------------------------------------------------------
 
-    def _send_error_body(self, status: int, message: str, retry_after: str | None) -> None:
-        payload = _dumps({"error": {"code": status, "message": message, "metadata": {}}})
+    def _send_error_body(self, status: int, message: str, retry_after: str | None, *, plain_text: bool = False) -> None:
+        if plain_text:
+            payload, content_type = message.encode(), "text/plain; charset=utf-8"
+        else:
+            payload = _dumps({"error": {"code": status, "message": message, "metadata": {}}})
+            content_type = "application/json"
         self._check_stopping()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         if retry_after is not None:
             self.send_header("Retry-After", retry_after)

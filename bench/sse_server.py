@@ -1,0 +1,142 @@
+"""A cheap OpenAI-compatible streaming server for the scale benchmarks: one asyncio loop, thousands of streams.
+
+``tests/loopback/openrouter.py`` spends a thread per connection and scripts every failure; the scale
+benches need neither, but do need 1,000 streams open at once without the server eating the CPU the
+worker is measured on. Every ``POST .../chat/completions`` is answered with ``chunks`` text deltas,
+``chunk_delay_s`` apart (the first one too), a usage chunk and ``[DONE]``, over chunked HTTP/1.1 with
+keep-alive. The arrival time (``time.time()``) of each request is recorded under the ``[[key]]`` of its
+last message, so a bench can measure pickup from enqueue to provider request across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import threading
+import time
+from collections.abc import Mapping
+from types import TracebackType
+
+_KEY = re.compile(r"\[\[([^\]]+)\]\]")
+_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def _frame(data: Mapping[str, object] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    body = f"data: {payload}\n\n".encode()
+    return f"{len(body):x}\r\n".encode() + body + b"\r\n"
+
+
+class StreamingServer:
+    """Serve streamed chat completions from a background thread's event loop (see the module docstring).
+
+    Parameters:
+      chunks: text deltas per answer.
+      chunk_delay_s: pause before each delta, in seconds (0: as fast as the socket takes them).
+    """
+
+    def __init__(self, *, chunks: int = 3, chunk_delay_s: float = 0.0) -> None:
+        self.chunks = chunks
+        self.chunk_delay_s = chunk_delay_s
+        self.received: dict[str, float] = {}
+        self.requests = 0
+        self.completed = 0
+        self.open_streams = 0
+        self.peak_open_streams = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._ready = threading.Event()
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        """The ``OPENROUTER_BASE_URL`` to point a worker at."""
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    def start(self) -> StreamingServer:
+        """Bind a free loopback port and serve from a daemon thread."""
+        self._thread = threading.Thread(target=self._run, name="bench-sse-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("the bench SSE server did not start")
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and join the thread."""
+        loop = self._loop
+        if loop is not None and self._thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> StreamingServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        self._server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=4096))
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            self._server.close()
+            loop.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        request_line = await reader.readline()
+        if not request_line:
+            return False
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip())
+        body = await reader.readexactly(length) if length else b""
+        received = time.time()
+        self.requests += 1
+        try:
+            messages = json.loads(body).get("messages") or [{}]
+            match = _KEY.search(str(messages[-1].get("content", "")))
+        except (ValueError, AttributeError):
+            match = None
+        if match is not None:
+            self.received.setdefault(match.group(1), received)
+        self.open_streams += 1
+        self.peak_open_streams = max(self.peak_open_streams, self.open_streams)
+        try:
+            writer.write(_HEAD)
+            for index in range(self.chunks):
+                if self.chunk_delay_s:
+                    await asyncio.sleep(self.chunk_delay_s)
+                writer.write(_frame({"model": "bench", "choices": [{"index": 0, "delta": {"content": f"w{index} "}}]}))
+                await writer.drain()
+            usage = {"prompt_tokens": 3, "completion_tokens": self.chunks, "total_tokens": 3 + self.chunks}
+            final = {"model": "bench", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            writer.write(_frame(final) + _frame({"model": "bench", "choices": [], "usage": usage}) + _frame("[DONE]"))
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        finally:
+            self.open_streams -= 1
+        self.completed += 1
+        return True

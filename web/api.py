@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import re
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +25,7 @@ from sse_starlette import EventSourceResponse
 
 import actors
 from actors.payloads import GenerationParams, JobId
+from middleware.limiters import UserLoad
 from repositories.store import Job, JobKind, JobStatus
 from web.feed import FeedHub, Position, Snapshot, job_events, job_json
 from web.tokens import StreamTokens
@@ -89,14 +93,36 @@ def validation_error(error: ValidationError, prefix: tuple[str, ...]) -> Request
     return RequestValidationError(details)
 
 
+class UserLoads:
+    """``actors.user_loads()`` (a scan of the throttle's keys) read at most once per ``max_age_s`` per process."""
+
+    def __init__(self, max_age_s: float = 1.0) -> None:
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._read_at = -math.inf
+        self._loads: list[UserLoad] = []
+
+    def __call__(self) -> list[UserLoad]:
+        """The loads, at most ``max_age_s`` old; empty when Redis cannot be read."""
+        with self._lock:
+            if time.monotonic() - self._read_at >= self.max_age_s:
+                try:
+                    self._loads = actors.user_loads()
+                except Exception:
+                    logger.warning("user loads unavailable", exc_info=True)
+                    self._loads = []
+                self._read_at = time.monotonic()
+            return self._loads
+
+
+user_loads = UserLoads()
+
+
 def snapshot_of(job: Job) -> Snapshot:
-    """The job with its status for the event stream: a pending job parked by its user's throttle is ``waiting``."""
+    """The job with its status for the event stream: a pending job whose user has parked jobs is ``waiting``."""
     if job.status is JobStatus.PENDING:
         actor = "generate_llm_response" if job.kind is JobKind.GENERATE else "generate_preview"
-        try:
-            loads = [load for load in actors.user_loads() if load.user_id == job.user_id and load.actor == actor]
-        except Exception:
-            loads = []
+        loads = [load for load in user_loads() if load.user_id == job.user_id and load.actor == actor]
         if any(load.waiting for load in loads):
             running = sum(load.running for load in loads)
             return Snapshot(job, "waiting", f"throttled: {running} of this user's jobs are running")

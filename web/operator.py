@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 import actors
 from actors.payloads import UserId
 from repositories.store import Job, utcnow
-from web.api import STATIC_DIR, JobStreams, known_job_id, snapshot_of
+from web.api import STATIC_DIR, JobStreams, known_job_id, snapshot_of, user_loads
 
 Authorize = Callable[[Request], Awaitable[None] | None]
 """Raises ``HTTPException(403)`` unless the request is an operator's."""
@@ -81,13 +81,10 @@ def build_operator_router(
         """The newest jobs of every user and the per-user running and waiting counts."""
         now = utcnow()
         jobs = actors.runtime.current().store.list_jobs(limit=limit)
-        try:
-            loads = [
-                {"actor": load.actor, "user_id": load.user_id, "running": load.running, "waiting": load.waiting}
-                for load in actors.user_loads()
-            ]
-        except Exception:
-            loads = []
+        loads = [
+            {"actor": load.actor, "user_id": load.user_id, "running": load.running, "waiting": load.waiting}
+            for load in user_loads()
+        ]
         return {"jobs": [operator_row(job, now) for job in jobs], "loads": loads, "default_model": default_model}
 
     @router.post("/api/jobs", status_code=201)

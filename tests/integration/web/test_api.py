@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import sys
 import time
@@ -278,3 +279,24 @@ def test_a_redelivery_after_a_worker_crash_resets_the_stream_without_duplicating
     assert apply("", reading.events) == "second life", reading.events
     assert reading.done is not None
     assert reading.done["attempts"] == 2
+
+
+def test_a_job_parked_by_its_users_throttle_streams_a_waiting_status(stack: Stack, http: httpx.Client) -> None:
+    # Given a user already running as many jobs as the limit allows (5), each streaming for a few seconds
+    user = unique("busy")
+    for _ in range(5):
+        busy = unique("busy-job")
+        stack.server.script_for(busy, Reply.ok(*["b "] * 15, chunk_delay_s=0.2))
+        _submit(http, user, busy)
+    key = unique("parked")
+    stack.server.script_for(key, Reply.ok("my ", "turn"))
+    # When one more job of that user is followed
+    _submit(http, user, key)
+    reading = read_events(http, f"jobs/{key}/events", headers={"X-User-Id": user}, timeout=60)
+    # Then its stream said it was waiting for the throttle, and later that it completed
+    statuses = [json.loads(event.data) for event in reading.of("status")]
+    waiting = [status for status in statuses if status["status"] == "waiting"]
+    assert waiting, statuses
+    assert "throttled" in waiting[0]["reason"]
+    assert statuses[-1]["status"] == "completed"
+    assert apply("", reading.events) == "my turn"

@@ -7,9 +7,10 @@ import threading
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff
-from dramatiq.errors import DecodeError
+from dramatiq.errors import ConnectionClosed, DecodeError
 
 from middleware.bad_messages import dead_letter_undecodable
 
@@ -109,9 +110,27 @@ class _WakingConsumer(_RedisConsumer):
             except DecodeError as error:
                 # Dramatiq's consumer would crash here and strand the rest of its batch; the cache keeps the rest.
                 dead_letter_undecodable(self.broker, self.queue_name, error)
+            except redis.TimeoutError as exc:
+                raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         if message is not None:
             self.idle_misses = 0
             return message
         self.idle_misses, backoff_ms = compute_backoff(self.idle_misses, max_backoff=self.idle_timeout_ms)
         self.wakeup.wait(backoff_ms / 1000)
         return None
+
+    # With socket timeouts set, a silent Redis raises redis.TimeoutError, which Dramatiq's consumer does not
+    # treat as a lost connection (only redis.ConnectionError): report it as one, so that acks are retried
+    # and the consumer reconnects, instead of "unhandled error" paths that leave messages unacked.
+
+    def ack(self, message: Any) -> None:
+        try:
+            super().ack(message)  # type: ignore[no-untyped-call]
+        except redis.TimeoutError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        try:
+            super().nack(message)  # type: ignore[no-untyped-call]
+        except redis.TimeoutError as exc:
+            raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]

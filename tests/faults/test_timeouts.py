@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import redis
+from dramatiq import Message
+from dramatiq.errors import ConnectionClosed
 
 import actors
 from actors.wiring import build_broker, build_runtime
@@ -128,4 +130,24 @@ def test_every_redis_client_gives_up_within_its_socket_timeout(tmp_path: Any) ->
             with pytest.raises(redis.RedisError):
                 client.ping()
             assert time.monotonic() - started < 5.0
+        broker.close()
+
+
+def test_a_consumer_reports_a_silent_redis_as_a_lost_connection(tmp_path: Any) -> None:
+    with OwnRedis() as server, TcpProxy("127.0.0.1", server.port) as proxy:
+        # Given a worker's consumer fetching through the proxy, with a short socket timeout
+        broker = build_broker(Settings(redis_url=proxy.rewrite_url(server.url), redis_socket_timeout_s=1.0))
+        broker.declare_queue("llm_generate")
+        broker.enqueue(Message(queue_name="llm_generate", actor_name="a", args=(), kwargs={}, options={}))
+        consumer = broker.consume("llm_generate", prefetch=1, timeout=20)
+        message = next(consumer)
+        assert message is not None
+        # When Redis goes silent
+        proxy.set_mode("silent")
+        # Then acks and fetches fail as a lost connection (Dramatiq retries acks and reconnects on those),
+        # not as an unexpected error that would leave the message unacked in a live worker
+        with pytest.raises(ConnectionClosed):
+            consumer.ack(message)
+        with pytest.raises(ConnectionClosed):
+            next(consumer)
         broker.close()

@@ -94,10 +94,11 @@ class _Pending:
 class RedisLiveText(LiveText):
     """Appends each attempt's text to the job's Redis Stream, at most every ``interval_s`` per job.
 
-    A background thread writes the coalesced text; writes never block the provider stream for long
-    and are dropped (with a warning) while Redis fails, for ``retry_after_s``. The stream is kept at
-    about ``max_entries`` entries, lives ``active_ttl_s`` after each write while the job runs, and
-    ``ended_ttl_s`` seconds after the attempt ends.
+    Text after a quiet spell is written at once by the caller; text that follows within
+    ``interval_s`` is coalesced and written by a background thread. After a Redis error, writes are
+    dropped (with a warning) for ``retry_after_s``, so they never hold up the provider stream for
+    long. The stream is kept at about ``max_entries`` entries, lives ``active_ttl_s`` after each
+    write while the job runs, and ``ended_ttl_s`` seconds after the attempt ends.
     """
 
     def __init__(
@@ -141,7 +142,7 @@ class RedisLiveText(LiveText):
                 self._write(job_id, [*entries, LiveEntry("end", attempt)], ttl_s=self.ended_ttl_s)
 
     def append(self, job_id: str, attempt: int, text: str) -> None:
-        """Queue ``text``; it is written at once when the job's last write is ``interval_s`` old, else then."""
+        """Write ``text`` now when the job's last write is ``interval_s`` old; else queue it for then."""
         if not text:
             return
         with self._lock:
@@ -151,8 +152,15 @@ class RedisLiveText(LiveText):
             if not pending.pieces:
                 pending.due = max(time.monotonic(), pending.last_write + self.interval_s)
             pending.pieces.append(text)
-            self._ensure_thread()
-            self._wake.notify()
+            if pending.due > time.monotonic():
+                self._ensure_thread()
+                self._wake.notify()
+                return
+        # Written by the caller itself: no hand-off to the writer thread on the fast path.
+        with self._write_lock:
+            with self._lock:
+                entries = self._take(pending) if self._pending.get(job_id) is pending else []
+            self._write(job_id, entries, ttl_s=self.active_ttl_s)
 
     def _take(self, pending: _Pending) -> list[LiveEntry]:
         """The queued text of ``pending`` as one entry (caller holds ``_lock``)."""

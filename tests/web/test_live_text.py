@@ -72,3 +72,14 @@ def test_an_unreachable_redis_never_fails_the_attempt() -> None:
     live = RedisLiveText(client)
     with live.attempt("job", 1):
         live.append("job", 1, "text")
+
+
+def test_the_first_text_after_a_quiet_spell_is_written_before_append_returns() -> None:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    live = RedisLiveText(client, interval_s=0.05)
+    job_id = uuid.uuid4().hex
+    with live.attempt(job_id, 1):
+        live.append(job_id, 1, "now")
+        assert _entries(client, job_id)[-1] == LiveEntry("text", 1, 0, "now")
+        live.append(job_id, 1, " later")  # within the interval: left to the writer thread
+        wait_until(lambda: _entries(client, job_id)[-1] == LiveEntry("text", 1, 3, " later"), timeout=2)

@@ -1,6 +1,8 @@
-"""The scheduler process (``make scheduler``): enqueues ``cleanup_old_jobs`` on ``CLEANUP_CRON``.
+"""The scheduler process (``make scheduler``): enqueues ``cleanup_old_jobs`` on ``CLEANUP_CRON``, and runs
+the reconciler every ``RECONCILE_INTERVAL_S``.
 
-It only sends a message; a worker does the deleting. Run one scheduler per deployment.
+The cleanup is only a message; a worker does the deleting. The reconciler re-sends jobs that lost
+their message (``actors.reconciler``); it is safe to run in several schedulers at once.
 """
 
 from __future__ import annotations
@@ -29,20 +31,33 @@ def send_cleanup() -> None:
     logger.info("cleanup_old_jobs enqueued (message %s)", message.message_id)
 
 
-def resend_unsent() -> None:
-    """Send the messages of pending jobs whose web process died before sending them."""
+def resend_unsent(pending_after_s: float = 60.0) -> None:
+    """Re-send the jobs with no live message: pending ones untouched for ``pending_after_s``, stale processing ones."""
     from actors.api import resend_unsent as resend
 
-    resent = resend()
+    try:
+        resent = resend(older_than_s=pending_after_s)
+    except Exception as exc:
+        # The store or Redis is down: the next sweep tries again (no traceback: it may carry SQL parameters).
+        logger.warning("reconciler sweep failed (%s); next sweep retries", type(exc).__name__)
+        return
     if resent:
-        logger.warning("re-sent %d jobs whose messages were never sent", resent)
+        logger.warning("re-sent %d jobs whose messages were lost", resent)
 
 
-def build_scheduler(cron: str, *, timezone: str = "UTC", resend_every_s: int = 60) -> BlockingScheduler:
-    """A blocking scheduler: ``send_cleanup`` on the crontab ``cron``, ``resend_unsent`` every ``resend_every_s``."""
+def build_scheduler(
+    cron: str, *, timezone: str = "UTC", resend_every_s: int = 60, pending_after_s: float = 60.0
+) -> BlockingScheduler:
+    """A blocking scheduler: ``send_cleanup`` on the crontab ``cron``, the reconciler every ``resend_every_s``."""
     scheduler = BlockingScheduler(timezone=timezone)
     scheduler.add_job(
-        resend_unsent, "interval", seconds=resend_every_s, id="resend_unsent", coalesce=True, max_instances=1
+        resend_unsent,
+        "interval",
+        seconds=resend_every_s,
+        kwargs={"pending_after_s": pending_after_s},
+        id="resend_unsent",
+        coalesce=True,
+        max_instances=1,
     )
     scheduler.add_job(
         send_cleanup,
@@ -65,7 +80,11 @@ def main() -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(formatter_for(settings.log_format))
     logging.basicConfig(level=settings.log_level, handlers=[handler])
-    scheduler = build_scheduler(settings.cleanup_cron)
+    scheduler = build_scheduler(
+        settings.cleanup_cron,
+        resend_every_s=settings.reconcile_interval_s,
+        pending_after_s=settings.reconcile_pending_after_s,
+    )
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         logger.info("received %s, stopping", signal.Signals(signum).name)
@@ -81,7 +100,11 @@ def main() -> int:
             logger.info("next cleanup at %s", upcoming.isoformat())
 
     scheduler.add_listener(log_next_run, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
-    logger.info("scheduler started: cleanup_old_jobs on %r (UTC)", settings.cleanup_cron)
+    logger.info(
+        "scheduler started: cleanup_old_jobs on %r (UTC), reconciler every %d s",
+        settings.cleanup_cron,
+        settings.reconcile_interval_s,
+    )
     log_next_run()
     scheduler.start()
     logger.info("scheduler stopped")

@@ -83,10 +83,17 @@ class Settings(BaseSettings):
     """Longest silence tolerated on a provider stream before the attempt counts as timed out, in seconds."""
     progress_interval_ms: Annotated[int, Field(ge=50, le=1000)] = 500
     """How often the partial text and the job heartbeat are written while streaming, in milliseconds."""
-    job_lease_s: Annotated[int, Field(ge=5)] = 30
+    job_lease_s: Annotated[int, Field(ge=5)] = 15
     """A processing job whose heartbeat is older than this may be taken over by another message, in seconds."""
     broker_heartbeat_timeout_ms: Annotated[int, Field(ge=5000)] = 15000
     """A worker silent this long is presumed dead and its unacked messages are requeued, in milliseconds."""
+    reconcile_interval_s: PositiveInt = 30
+    """How often the scheduler's reconciler looks for jobs with no live path to completion, in seconds."""
+    reconcile_pending_after_s: PositiveInt = 60
+    """A pending job untouched this long with no message in the broker is re-sent by the reconciler, in seconds."""
+    store_outage_wait_s: PositiveInt = 300
+    """How long a worker keeps an attempt's outcome while the store is unreachable before the reconciler's
+    re-run takes over, in seconds; the attempt waits, it never spends a provider retry on it."""
     shutdown_grace_s: Annotated[int, Field(ge=0)] = 20
     """On SIGTERM, running jobs may go on this long before they are handed back to the queue, in seconds."""
     worker_poll_interval_ms: Annotated[int, Field(ge=10, le=1000)] = 20

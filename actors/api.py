@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from typing import Any
 
 import dramatiq
@@ -20,11 +19,12 @@ from actors.payloads import (
     limits_context,
     new_job_id,
 )
+from actors.reconciler import Reconciler, job_message
 from actors.tasks import generate_llm_response, generate_preview
-from middleware.limiters import UserLoad
+from middleware.limiters import RedisLeaseStore, UserLoad
 from middleware.throttle import throttle_of
 from repositories.sql_deadline import store_unavailable
-from repositories.store import Job, JobKind, JobStatus, utcnow
+from repositories.store import Job, JobKind, JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +118,41 @@ def _send(actor: dramatiq.Actor[..., Any], kwargs: dict[str, Any]) -> None:
         actor.broker.enqueue(message)
 
 
-def resend_unsent(*, older_than_s: float = 60.0) -> int:
-    """Send the message of every pending job whose sender died between writing it and sending it.
+def resend_unsent(*, older_than_s: float = 60.0, lease_s: float | None = None) -> int:
+    """Re-send every job that lost its message: the reconciler's sweep (``actors.reconciler``).
 
-    Run periodically by the scheduler. A duplicate message is harmless: only one can own the job.
+    Pending jobs untouched for ``older_than_s`` seconds (their sender died before sending, or Redis
+    lost the message) and processing jobs whose heartbeat is older than ``lease_s`` (default: the
+    job lease) are re-sent when no message for them lives in Redis, without spending a retry. Run
+    periodically by the scheduler; safe in several processes at once. Returns how many were re-sent.
     """
-    store = runtime.current().store
-    resent = 0
-    for job in store.unsent_before(utcnow() - timedelta(seconds=older_than_s)):
-        if job.kind is JobKind.GENERATE:
-            _send(generate_llm_response, {"job_id": job.job_id, "user_id": job.user_id, "params": job.request})
-        else:
-            _send(generate_preview, {"job_id": job.job_id, "user_id": job.user_id, **job.request})
-        store.mark_enqueued(job.job_id)
-        logger.warning("re-sent a job whose message was never sent", extra={"job_id": job.job_id})
-        resent += 1
-    return resent
+    return reconciler(pending_after_s=older_than_s, lease_s=lease_s).sweep()
+
+
+def reconciler(*, pending_after_s: float = 60.0, lease_s: float | None = None) -> Reconciler:
+    """The reconciler of this process's store and broker, with the given bounds in seconds."""
+    current = runtime.current()
+    broker = dramatiq.get_broker()
+    throttle = throttle_of(broker)
+    leases = throttle.leases if throttle is not None and isinstance(throttle.leases, RedisLeaseStore) else None
+    return Reconciler(
+        store=current.store,
+        broker=broker,
+        leases=leases,
+        lease_s=lease_s if lease_s is not None else current.runner.lease_s,
+        pending_after_s=pending_after_s,
+        send=lambda job, delay_ms: _send_message(broker, job_message(broker, job), delay_ms),
+    )
+
+
+def _send_message(broker: dramatiq.Broker, message: dramatiq.Message[Any], delay_ms: int) -> None:
+    """Enqueue ``message`` (after ``delay_ms``), or park it behind its user's throttled backlog."""
+    if delay_ms > 0:
+        broker.enqueue(message, delay=delay_ms)
+        return
+    throttle = throttle_of(broker)
+    if throttle is None or not throttle.park_behind_backlog(broker, message):
+        broker.enqueue(message)
 
 
 def cancel_job(job_id: str, user_id: str) -> bool:

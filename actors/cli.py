@@ -24,7 +24,9 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 import actors
+from actors import api as actors_api
 from actors import runtime
+from actors.reconciler import Reconciler
 from repositories.redaction import redact
 from repositories.sql_deadline import StoreUnavailable
 from repositories.store import Job, JobStatus, JobStore, utcnow
@@ -185,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.set_defaults(handler=_stats)
 
+    requeue = commands.add_parser(
+        "requeue",
+        help="send stuck jobs back to work",
+        description="Send a pending job, or a processing job whose heartbeat is older than JOB_LEASE_S, back to "
+        "work with a new message, without using a retry; with --stuck, every job the reconciler finds with no "
+        "message in the broker. A duplicate message is harmless: only one delivery can run a job.",
+    )
+    target = requeue.add_mutually_exclusive_group(required=True)
+    target.add_argument("job_id", nargs="?", metavar="JOB_ID", help="the job to send back to work")
+    target.add_argument("--stuck", action="store_true", help="every stuck job (what the scheduler's sweep does)")
+    requeue.set_defaults(handler=_requeue)
+
     cleanup = commands.add_parser(
         "cleanup",
         help="delete old finished jobs",
@@ -306,6 +320,13 @@ def _stats(args: argparse.Namespace) -> int:
         _print_table(["actor", "user", "running", "waiting"], rows, numeric={2, 3}, indent="  ")
     else:
         print("  none")
+    reconciler = _reconciler()
+    stuck = reconciler.stuck()
+    print(
+        f"stuck jobs: {stuck.total} ({len(stuck.processing)} processing with a heartbeat older than "
+        f"{reconciler.lease_s:.0f} s, {len(stuck.pending)} pending for over {reconciler.pending_after_s:.0f} s; "
+        "none of them has a message in the broker)"
+    )
     oldest = store.oldest_pending()
     if oldest is None:
         print("oldest pending job: none")
@@ -314,6 +335,30 @@ def _stats(args: argparse.Namespace) -> int:
         age_s = max(0.0, (utcnow() - created_at).total_seconds())
         print(f"oldest pending job: {age_s:.1f} s (job {job_id}, user {user_id})")
     return EXIT_OK
+
+
+def _requeue(args: argparse.Namespace) -> int:
+    reconciler = _reconciler()
+    if args.stuck:
+        print(f"requeued {reconciler.sweep()} stuck jobs")
+        return EXIT_OK
+    job = _require_job(args.job_id, None)
+    if job.status.is_final:
+        raise CommandError(f"{PROG} requeue: job {job.job_id} is already {job.status}")
+    if job.status is JobStatus.PROCESSING and job.heartbeat_at is not None:
+        beat_age_s = (utcnow() - job.heartbeat_at).total_seconds()
+        if beat_age_s < reconciler.lease_s:
+            raise CommandError(
+                f"{PROG} requeue: job {job.job_id} is running (heartbeat {beat_age_s:.1f} s ago); it is not stuck"
+            )
+    if not reconciler.resend(job, reason="requeued by an operator"):
+        raise CommandError(f"{PROG} requeue: job {job.job_id} changed meanwhile; try again")
+    print(f"requeued {job.job_id}")
+    return EXIT_OK
+
+
+def _reconciler() -> Reconciler:
+    return actors_api.reconciler(pending_after_s=actors.settings.reconcile_pending_after_s)
 
 
 def _cleanup(args: argparse.Namespace) -> int:

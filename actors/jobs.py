@@ -12,9 +12,11 @@ import functools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from dramatiq.common import compute_backoff
 from dramatiq.errors import Retry
@@ -25,7 +27,7 @@ from middleware.metrics import JobObserver
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
 from repositories.live_text import LiveText
-from repositories.store import Job, JobKind, JobStatus, JobStore
+from repositories.store import Job, JobKind, JobStatus, JobStore, is_store_outage, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,18 @@ class JobFailed(Exception):
 
 class InvalidPayload(Exception):
     """The message payload was invalid; the job (if identifiable) was marked failed; never retried."""
+
+
+class StoreUnavailable(Exception):
+    """The job store stayed unreachable longer than the runner waits for it; the message goes back to the queue."""
+
+
+#: How long a delivery that found the store unreachable waits in the delay queue before it tries again, in ms.
+STORE_WAIT_REQUEUE_MS = 2000
+#: Added to the rest of a live lease before a redelivered copy of its message tries again, in ms.
+LEASE_MARGIN_MS = 500
+
+Outcome = TypeVar("Outcome")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +98,7 @@ class AttemptResult:
 class _Progress:
     pieces: list[str] = field(default_factory=list)
     flushed_chars: int = 0
+    store_down: bool = False
 
     @property
     def text(self) -> str:
@@ -92,13 +107,20 @@ class _Progress:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """Where a message stands: its id (the job's lease owner) and how often it was retried already."""
+    """Where a message stands: its id, this delivery's attempt token and how often it was retried already.
+
+    ``token`` is fresh for every delivery (the throttle's slot is held by the same token): it owns the
+    job row while this delivery runs it, so a stale copy of the same message can never write.
+    """
 
     message_id: str
     retries: int
     max_retries: int
     requeue: Callable[[], object] | None = None
     """Enqueue the same message again (same id, same retry count), without counting a retry."""
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    requeue_later: Callable[[int], object] | None = None
+    """Like ``requeue``, through the delay queue: the message comes back after the given milliseconds."""
 
 
 class JobRunner:
@@ -116,6 +138,7 @@ class JobRunner:
         lease_s: float = 30.0,
         generate_timeout_s: float = 900.0,
         preview_timeout_s: float = 60.0,
+        store_outage_wait_s: float = 300.0,
         cancel_signals: CancelSignals | None = None,
         observer: JobObserver | None = None,
         live_text: LiveText | None = None,
@@ -134,12 +157,13 @@ class JobRunner:
         self.lease_s = lease_s
         self.generate_timeout_s = generate_timeout_s
         self.preview_timeout_s = preview_timeout_s
+        self.store_outage_wait_s = store_outage_wait_s
 
     # -- entry points used by the actors -------------------------------------------------------
 
     def run_generation(self, message: GenerateMessage, delivery: Delivery) -> None:
         """Run one delivery of a generate message to its end, or raise ``Retry``/``JobFailed``."""
-        with self._watching(message.job_id) as watch:
+        with self._riding_out_outages(message.job_id, delivery), self._watching(message.job_id) as watch:
             stored = message.params.model_dump(exclude_none=True)
             job = self._claim(message.job_id, message.user_id, JobKind.GENERATE, delivery, request=stored)
             if job is None:
@@ -152,7 +176,7 @@ class JobRunner:
     def run_preview(self, message: PreviewMessage, delivery: Delivery) -> None:
         """Run one delivery of a preview message: short content is kept as is, long content is summarised."""
         needs_model = len(message.content) > PREVIEW_MAX_CHARS
-        with self._watching(message.job_id) as watch:
+        with self._riding_out_outages(message.job_id, delivery), self._watching(message.job_id) as watch:
             stored = {"title": message.title, "content": message.content}
             job = self._claim(
                 message.job_id, message.user_id, JobKind.PREVIEW, delivery, request=stored, count_attempt=needs_model
@@ -166,14 +190,16 @@ class JobRunner:
                         job, delivery, request, watch, timeout_s=self.preview_timeout_s, on_done=self._previewed
                     )
                 return
-            self.store.complete(
-                job.job_id,
-                owner=delivery.message_id,
-                content=message.content,
-                response={"preview": message.content, "used_ai": False},
-                provider=None,
-                model=None,
-                usage=None,
+            self._persist(
+                lambda: self.store.complete(
+                    job.job_id,
+                    owner=delivery.token,
+                    content=message.content,
+                    response={"preview": message.content, "used_ai": False},
+                    provider=None,
+                    model=None,
+                    usage=None,
+                )
             )
             self.observer.job_finished("preview", "none", "completed")
             logger.info("preview kept as is", extra={"job_id": job.job_id, "user_id": job.user_id})
@@ -188,6 +214,43 @@ class JobRunner:
             temperature=0.3,
             max_tokens=100,
         )
+
+    @contextlib.contextmanager
+    def _riding_out_outages(self, job_id: str, delivery: Delivery) -> Iterator[None]:
+        """An unreachable store sends the message back through the delay queue: no retry spent, never dead-lettered."""
+        try:
+            yield
+        except Exception as error:
+            if not (is_store_outage(error) or isinstance(error, StoreUnavailable)) or delivery.requeue_later is None:
+                raise
+            logger.warning(
+                "job store unreachable (%s): the message waits %d ms and tries again, without using a retry",
+                type(error).__name__,
+                STORE_WAIT_REQUEUE_MS,
+                extra={"job_id": job_id},
+            )
+            delivery.requeue_later(STORE_WAIT_REQUEUE_MS)
+
+    def _persist(self, write: Callable[[], Outcome]) -> Outcome:
+        """Run a store write, retrying it while the store is unreachable, for up to ``store_outage_wait_s``.
+
+        Used for the writes that end an attempt (its outcome is in memory and must not be lost for a
+        blip). Past the bound ``StoreUnavailable`` is raised: the row keeps its stale heartbeat and the
+        job is run again once the store is back.
+        """
+        deadline = time.monotonic() + self.store_outage_wait_s
+        delay_s = 0.1
+        while True:
+            try:
+                return write()
+            except Exception as error:
+                if not is_store_outage(error):
+                    raise
+                if time.monotonic() + delay_s > deadline:
+                    raise StoreUnavailable(f"job store unreachable for {self.store_outage_wait_s:.0f}s") from None
+                logger.warning("job store unreachable (%s); retrying the write", type(error).__name__)
+                time.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
 
     @contextlib.contextmanager
     def _watching(self, job_id: str) -> Iterator[CancelWatch]:
@@ -231,19 +294,26 @@ class JobRunner:
         claim = functools.partial(
             self.store.claim,
             job_id,
-            owner=delivery.message_id,
+            owner=delivery.token,
+            message_id=delivery.message_id,
             lease_s=self.lease_s,
             user_id=user_id,
             kind=kind,
             count_attempt=count_attempt,
         )
-        job = claim() or self._claim_after_creating(job_id, user_id, kind, request, claim)
+        job = claim() or self._claim_after_creating(job_id, user_id, kind, request, claim, delivery)
         if job is not None and job.attempts <= 1 and job.started_at is not None:
             self.observer.job_started(str(kind), (job.started_at - job.created_at).total_seconds())
         return job
 
     def _claim_after_creating(
-        self, job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], claim: Callable[[], Job | None]
+        self,
+        job_id: str,
+        user_id: str,
+        kind: JobKind,
+        request: dict[str, Any],
+        claim: Callable[[], Job | None],
+        delivery: Delivery,
     ) -> Job | None:
         existing = self.store.get(job_id)
         if existing is None:
@@ -255,9 +325,29 @@ class JobRunner:
         extra = {"job_id": job_id, "user_id": user_id}
         if existing is not None and (existing.user_id != user_id or existing.kind is not kind):
             logger.warning("message ignored: job belongs to another user or kind", extra=extra)
+        elif existing is not None and existing.status is JobStatus.PROCESSING:
+            self._wait_for_live_lease(existing, delivery)
         else:
             logger.info("message skipped: job is %s", existing.status if existing else "gone", extra=extra)
         return None
+
+    def _wait_for_live_lease(self, job: Job, delivery: Delivery) -> None:
+        """Another attempt holds the job and its heartbeat is fresh: this delivery must not run it now.
+
+        A redelivered copy of that attempt's own message (its worker is presumed dead or is frozen)
+        comes back once the lease would be stale, and takes over then if the attempt is really gone.
+        A different message is a duplicate (a re-send, an enqueue repeated): the running attempt
+        already is the job's one path to completion, so the duplicate ends here.
+        """
+        extra = {"job_id": job.job_id, "user_id": job.user_id}
+        if job.lease_message != delivery.message_id or delivery.requeue_later is None:
+            logger.info("duplicate message skipped: another attempt runs the job", extra=extra)
+            return
+        beat = job.heartbeat_at or utcnow()
+        remaining_ms = (beat + timedelta(seconds=self.lease_s) - utcnow()).total_seconds() * 1000
+        delay_ms = max(0, int(remaining_ms)) + LEASE_MARGIN_MS
+        logger.warning("redelivered while its attempt's lease is live: trying again in %d ms", delay_ms, extra=extra)
+        delivery.requeue_later(delay_ms)
 
     # -- one attempt ----------------------------------------------------------------------------
 
@@ -282,7 +372,7 @@ class JobRunner:
         except Exception as exc:
             # A provider that cannot be built (missing key, bad setting) fails the same way on every attempt.
             error = f"provider not configured: {exc}"
-            if self.store.fail(job.job_id, error=error, owner=delivery.message_id):
+            if self._persist(lambda: self.store.fail(job.job_id, error=error, owner=delivery.token)):
                 self.observer.job_finished(str(job.kind), "none", "failed")
             logger.error("job failed: %s", error, extra=log_extra)
             raise JobFailed(error) from None
@@ -309,13 +399,14 @@ class JobRunner:
         elapsed = time.monotonic() - started
         if result.handed_back:
             note = f"attempt {job.attempts} stopped: its worker shut down; the job went back to the queue"
-            if self.store.release_for_retry(job.job_id, owner=delivery.message_id, error=note) and delivery.requeue:
+            released = self._persist(lambda: self.store.release_for_retry(job.job_id, owner=delivery.token, error=note))
+            if released and delivery.requeue:
                 delivery.requeue()
             logger.warning("attempt handed back after %.2fs: worker shutting down", elapsed, extra=log_extra)
             self.observer.attempt_finished(kind, provider.name, "handed_back", elapsed)
             return
         if result.cancelled:
-            self.store.keep_partial(job.job_id, owner=delivery.message_id, content=result.text)
+            self._persist(lambda: self.store.keep_partial(job.job_id, owner=delivery.token, content=result.text))
             logger.info("attempt stopped: job cancelled after %.2fs", elapsed, extra=log_extra)
             self.observer.attempt_finished(kind, provider.name, "cancelled", elapsed)
             self.observer.job_finished(kind, provider.name, "cancelled")
@@ -398,7 +489,12 @@ class JobRunner:
                         await pending
 
     def _is_cancelled(self, job_id: str) -> bool:
-        job = self.store.get(job_id)
+        try:
+            job = self.store.get(job_id)
+        except Exception as error:
+            if not is_store_outage(error):
+                raise
+            return False  # the next heartbeat that reaches the store tells
         return job is not None and job.status is JobStatus.CANCELLED
 
     def _flush(self, job: Job, delivery: Delivery, progress: _Progress) -> bool:
@@ -407,8 +503,23 @@ class JobRunner:
         length = sum(len(piece) for piece in progress.pieces)
         if length != progress.flushed_chars:
             text = progress.text
-            progress.flushed_chars = length
-        return self.store.heartbeat(job.job_id, owner=delivery.message_id, content=text)
+        try:
+            ours = self.store.heartbeat(job.job_id, owner=delivery.token, content=text)
+        except Exception as error:
+            if not is_store_outage(error):
+                raise
+            # Only the write failed: the stream goes on, and the next flush writes all the text so far.
+            if not progress.store_down:
+                logger.warning(
+                    "job store unreachable (%s): streaming on", type(error).__name__, extra={"job_id": job.job_id}
+                )
+            progress.store_down = True
+            return True
+        if progress.store_down:
+            logger.info("job store reachable again: progress written", extra={"job_id": job.job_id})
+            progress.store_down = False
+        progress.flushed_chars = length
+        return ours
 
     # -- outcomes -------------------------------------------------------------------------------
 
@@ -448,17 +559,19 @@ class JobRunner:
         usage: dict[str, Any] | None,
     ) -> bool:
         """Store the answer; False when a cancel won the race at the last moment (the text is kept)."""
-        if self.store.complete(
-            job.job_id,
-            owner=delivery.message_id,
-            content=content,
-            response=response,
-            provider=provider,
-            model=model,
-            usage=usage,
+        if self._persist(
+            lambda: self.store.complete(
+                job.job_id,
+                owner=delivery.token,
+                content=content,
+                response=response,
+                provider=provider,
+                model=model,
+                usage=usage,
+            )
         ):
             return True
-        self.store.keep_partial(job.job_id, owner=delivery.message_id, content=content)
+        self._persist(lambda: self.store.keep_partial(job.job_id, owner=delivery.token, content=content))
         logger.info("completion discarded: job was cancelled", extra={"job_id": job.job_id})
         return False
 
@@ -477,10 +590,15 @@ class JobRunner:
         if is_retryable(error) and delivery.retries < delivery.max_retries:
             delay_ms = self.retry_policy.delay_ms(delivery.retries, error)
             note = f"attempt {job.attempts} failed: {description}; retrying in {delay_ms / 1000:.1f}s"
-            if self.store.release_for_retry(job.job_id, owner=delivery.message_id, error=note):
+            retry_at = utcnow() + timedelta(milliseconds=delay_ms)
+            if self._persist(
+                lambda: self.store.release_for_retry(
+                    job.job_id, owner=delivery.token, error=note, retry_at=retry_at, count_retry=True
+                )
+            ):
                 logger.warning("%s", note, extra=log_extra)
                 return Retry(delay=delay_ms)
-        elif self.store.fail(job.job_id, error=description, owner=delivery.message_id):
+        elif self._persist(lambda: self.store.fail(job.job_id, error=description, owner=delivery.token)):
             logger.warning("job failed: %s", description, extra=log_extra)
             return JobFailed(description)
         logger.info("failed attempt dropped: the job was cancelled or taken over", extra=log_extra)

@@ -20,6 +20,7 @@ from actors.payloads import (
     limits_context,
     salvage_identity,
 )
+from middleware.attempts import attempt_token_of
 from repositories.store import JobKind, utcnow
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,14 @@ def _delivery(max_retries: int) -> Delivery:
     if message is None:
         raise RuntimeError("actor called outside a worker (CurrentMessage middleware missing)")
     broker = dramatiq.get_broker()
+    token = attempt_token_of(message)
     return Delivery(
         message_id=message.message_id,
         retries=int(message.options.get("retries", 0)),
         max_retries=max_retries,
         requeue=lambda: broker.enqueue(message.copy()),
+        requeue_later=lambda delay_ms: broker.enqueue(message.copy(), delay=delay_ms),
+        **({"token": token} if token else {}),
     )
 
 

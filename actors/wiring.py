@@ -25,6 +25,7 @@ from actors.cancellation import CancelSignals
 from actors.jobs import JobRunner, RetryPolicy
 from actors.payloads import salvage_identity
 from actors.runtime import ActorOptions, Runtime
+from middleware.attempts import AttemptTokens
 from middleware.bad_messages import MalformedMessages, RedactTracebacks
 from middleware.graceful_shutdown import GracefulShutdown
 from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
@@ -56,7 +57,9 @@ def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> Wakin
         # Before anything reads message.kwargs: a call the actor cannot take is dead-lettered, never retried.
         MalformedMessages(on_rejected=_record_malformed),
         RedactTracebacks(),
-        # First, so that whatever skips a message later still finds its throttle slot released.
+        # Before the throttle: each delivery's fresh token holds its slot and fences its job row.
+        AttemptTokens(),
+        # First after it, so that whatever skips a message later still finds its throttle slot released.
         UserThrottle(
             leases=RedisLeaseStore(client),
             gate=StartRateGate(RateLimitRedisBackend(client=client)),
@@ -140,7 +143,16 @@ def _record_malformed(message: Any, reason: str) -> None:
 
 def job_metrics(settings: Settings) -> JobMetrics | None:
     """Job metrics when ``METRICS_ENABLED`` is on; one instance serves as middleware and as the runner's observer."""
-    return JobMetrics() if settings.metrics_enabled else None
+    if not settings.metrics_enabled:
+        return None
+
+    def stuck_counts() -> dict[str, int]:
+        from actors.api import reconciler  # the actors are declared by the time a worker samples
+
+        stuck = reconciler(pending_after_s=settings.reconcile_pending_after_s).stuck()
+        return {"processing": len(stuck.processing), "pending": len(stuck.pending)}
+
+    return JobMetrics(stuck_probe=stuck_counts, stuck_every_s=settings.reconcile_interval_s)
 
 
 def build_provider(settings: Settings) -> ChatProvider:
@@ -239,6 +251,7 @@ def build_runtime(settings: Settings, metrics: JobMetrics | None = None) -> Runt
         lease_s=settings.job_lease_s,
         generate_timeout_s=settings.generate_timeout_s,
         preview_timeout_s=settings.preview_timeout_s,
+        store_outage_wait_s=settings.store_outage_wait_s,
         cancel_signals=signals,
         observer=metrics,
         live_text=live_text(settings),

@@ -75,8 +75,21 @@ class UserLoad:
 class LeaseStore(Protocol):
     """Where concurrency leases and parked messages live; every method is atomic."""
 
-    def acquire(self, key: str, holder: str, *, limit: int, lease_ms: int, parked_entry: bytes | None) -> bool:
-        """Take (or keep) a slot for ``holder``; when full, park ``parked_entry`` (if given) and return False."""
+    def acquire(
+        self,
+        key: str,
+        holder: str,
+        *,
+        limit: int,
+        lease_ms: int,
+        parked_entry: bytes | None,
+        handoff: str | None = None,
+    ) -> bool:
+        """Take (or keep) a slot for ``holder``; when full, park ``parked_entry`` (if given) and return False.
+
+        A slot handed to ``handoff`` (a parked message's id) passes to ``holder``, once: a second
+        delivery of the same message finds it gone and competes for a slot like any other.
+        """
         ...
 
     def park_behind(self, key: str, parked_entry: bytes) -> bool:
@@ -87,8 +100,15 @@ class LeaseStore(Protocol):
         """Free ``holder``'s slot and hand free slots to parked messages; return their bodies to enqueue."""
         ...
 
-    def renew(self, leases: list[tuple[str, str]], *, lease_ms: int) -> None:
-        """Extend the leases (key, holder) still held; an expired lease is not brought back."""
+    def renew(self, leases: list[tuple[str, str]], *, lease_ms: int, recreate: bool = False) -> None:
+        """Extend the live leases (key, holder) this process holds; an expired one is not brought back.
+
+        With ``recreate`` (the backend restarted and lost them) every lease given is written again.
+        """
+        ...
+
+    def epoch(self) -> str:
+        """Changes when the backend lost or may have lost its state (a Redis restart): held leases are renewed then."""
         ...
 
     def parked_keys(self) -> dict[str, int]:
@@ -130,8 +150,13 @@ def split_entry(entry: bytes) -> tuple[str, bytes]:
 _ACQUIRE = """
 local leases, parked, parked_keys, limits = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now, lease, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local holder, entry, key_id = ARGV[4], ARGV[5], ARGV[6]
+local holder, entry, key_id, handoff = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 redis.call('zremrangebyscore', leases, '-inf', now)
+if handoff ~= '' and handoff ~= holder and redis.call('zrem', leases, handoff) == 1 then
+  redis.call('zadd', leases, now + lease, holder)
+  redis.call('pexpire', leases, lease * 4)
+  return 1
+end
 if redis.call('zscore', leases, holder) or redis.call('zcard', leases) < limit then
   redis.call('zadd', leases, now + lease, holder)
   redis.call('pexpire', leases, lease * 4)
@@ -150,6 +175,19 @@ local parked, parked_keys, key_id, entry = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 if redis.call('llen', parked) == 0 then return 0 end
 redis.call('rpush', parked, entry)
 redis.call('sadd', parked_keys, key_id)
+return 1
+"""
+
+_RENEW = """
+local now, expiry, lease, recreate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
+for i, leases in ipairs(KEYS) do
+  local holder = ARGV[4 + i]
+  local score = redis.call('zscore', leases, holder)
+  if recreate or (score and tonumber(score) > now) then
+    redis.call('zadd', leases, expiry, holder)
+    redis.call('pexpire', leases, lease * 4)
+  end
+end
 return 1
 """
 
@@ -184,6 +222,7 @@ class RedisLeaseStore:
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._park_behind = client.register_script(_PARK_BEHIND)
+        self._renew = client.register_script(_RENEW)
 
     def _keys(self, key: str) -> tuple[str, str]:
         return f"{self._ns}:leases:{key}", f"{self._ns}:parked:{key}"
@@ -193,6 +232,21 @@ class RedisLeaseStore:
         return f"{self._ns}:parked-keys"
 
     @property
+    def parked_keys_key(self) -> str:
+        """The Redis set naming every key with parked messages (read by the reconciler)."""
+        return self._parked_keys
+
+    @property
+    def parked_prefix(self) -> str:
+        """The prefix of the Redis lists of parked entries; the key follows it (read by the reconciler)."""
+        return f"{self._ns}:parked:"
+
+    @property
+    def handoffs_key(self) -> str:
+        """The Redis hash of handed-off messages not yet confirmed enqueued (read by the reconciler)."""
+        return self._handoffs
+
+    @property
     def _limits(self) -> str:
         return f"{self._ns}:limits"
 
@@ -200,12 +254,21 @@ class RedisLeaseStore:
     def _handoffs(self) -> str:
         return f"{self._ns}:handoffs"
 
-    def acquire(self, key: str, holder: str, *, limit: int, lease_ms: int, parked_entry: bytes | None) -> bool:
-        """Take or keep a slot; when full, park the entry."""
+    def acquire(
+        self,
+        key: str,
+        holder: str,
+        *,
+        limit: int,
+        lease_ms: int,
+        parked_entry: bytes | None,
+        handoff: str | None = None,
+    ) -> bool:
+        """Take or keep a slot (or the one handed to ``handoff``); when full, park the entry."""
         leases, parked = self._keys(key)
         result = self._acquire(
             keys=[leases, parked, self._parked_keys, self._limits],
-            args=[now_ms(), lease_ms, limit, holder, parked_entry or b"", key],
+            args=[now_ms(), lease_ms, limit, holder, parked_entry or b"", key, handoff or ""],
         )
         return bool(result)
 
@@ -223,15 +286,19 @@ class RedisLeaseStore:
         )
         return list(entries or [])
 
-    def renew(self, leases: list[tuple[str, str]], *, lease_ms: int) -> None:
-        """Extend live leases in one round trip."""
+    def renew(self, leases: list[tuple[str, str]], *, lease_ms: int, recreate: bool = False) -> None:
+        """Extend live leases in one round trip (all of them, lost ones too, with ``recreate``)."""
         if not leases:
             return
-        expiry = now_ms() + lease_ms
-        pipe = self._client.pipeline(transaction=False)
-        for key, holder in leases:
-            pipe.zadd(self._keys(key)[0], {holder: expiry}, xx=True)
-        pipe.execute()
+        now = now_ms()
+        self._renew(
+            keys=[self._keys(key)[0] for key, _ in leases],
+            args=[now, now + lease_ms, lease_ms, "1" if recreate else "0", *[holder for _, holder in leases]],
+        )
+
+    def epoch(self) -> str:
+        """The Redis server's ``run_id``: new after every restart, with or without persistence."""
+        return str(cast(dict[str, object], self._client.info("server")).get("run_id", ""))
 
     def parked_keys(self) -> dict[str, int]:
         """Keys with parked messages and their limits."""
@@ -300,12 +367,24 @@ class MemoryLeaseStore:
         for holder in [h for h, expiry in state.leases.items() if expiry <= now]:
             del state.leases[holder]
 
-    def acquire(self, key: str, holder: str, *, limit: int, lease_ms: int, parked_entry: bytes | None) -> bool:
-        """Take or keep a slot; when full, park the entry."""
+    def acquire(
+        self,
+        key: str,
+        holder: str,
+        *,
+        limit: int,
+        lease_ms: int,
+        parked_entry: bytes | None,
+        handoff: str | None = None,
+    ) -> bool:
+        """Take or keep a slot (or the one handed to ``handoff``); when full, park the entry."""
         now = now_ms()
         with self._lock:
             state = self._keys.setdefault(key, _MemoryKey())
             self._expire(state, now)
+            if handoff is not None and handoff != holder and state.leases.pop(handoff, None) is not None:
+                state.leases[holder] = now + lease_ms
+                return True
             if holder in state.leases or len(state.leases) < limit:
                 state.leases[holder] = now + lease_ms
                 return True
@@ -340,14 +419,24 @@ class MemoryLeaseStore:
                 out.append(entry)
             return out
 
-    def renew(self, leases: list[tuple[str, str]], *, lease_ms: int) -> None:
-        """Extend live leases."""
-        expiry = now_ms() + lease_ms
+    def renew(self, leases: list[tuple[str, str]], *, lease_ms: int, recreate: bool = False) -> None:
+        """Extend live leases (all of them, lost ones too, with ``recreate``)."""
+        now = now_ms()
         with self._lock:
             for key, holder in leases:
-                state = self._keys.get(key)
-                if state is not None and holder in state.leases:
-                    state.leases[holder] = expiry
+                state = self._keys.setdefault(key, _MemoryKey())
+                if recreate or state.leases.get(holder, 0) > now:
+                    state.leases[holder] = now + lease_ms
+
+    def epoch(self) -> str:
+        """Memory never loses its state while the process lives."""
+        return "memory"
+
+    def forget_everything(self) -> None:
+        """Lose every lease and parked message, as a Redis restarted without persistence does (for tests)."""
+        with self._lock:
+            self._keys.clear()
+            self._handoffs.clear()
 
     def parked_keys(self) -> dict[str, int]:
         """Keys with parked messages and their limits."""

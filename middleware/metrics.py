@@ -9,6 +9,8 @@ job starts, provider latency, tokens, cost, and the throttled jobs waiting per a
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 import dramatiq
 
@@ -48,9 +50,13 @@ class JobMetrics(dramatiq.Middleware, JobObserver):
     It is also the job runner's observer, and the throttle's sink for the waiting gauge.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, stuck_probe: Callable[[], dict[str, int]] | None = None, stuck_every_s: float = 30.0) -> None:
+        """``stuck_probe`` counts stuck jobs by status (the reconciler's view); sampled every ``stuck_every_s``."""
         self._ready = False
         self._seen_actors: set[str] = set()
+        self._stuck_probe = stuck_probe
+        self._stuck_every_s = stuck_every_s
+        self._stop = threading.Event()
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         """Create the metrics; ``prometheus_client`` is imported only now, in multiprocess mode."""
@@ -77,7 +83,35 @@ class JobMetrics(dramatiq.Middleware, JobObserver):
             ["actor"],
             multiprocess_mode="max",
         )
+        self.stuck_jobs = prom.Gauge(
+            "llm_jobs_stuck",
+            "Jobs with no message in the broker: processing with a stale heartbeat, or pending too long.",
+            ["status"],
+            multiprocess_mode="max",
+        )
         self._ready = True
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: object) -> None:
+        """Start sampling the stuck jobs, when a probe is configured."""
+        if self._stuck_probe is not None:
+            self._stop.clear()
+            threading.Thread(target=self._sample_stuck, name="stuck-jobs-metric", daemon=True).start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: object) -> None:
+        """Stop sampling."""
+        self._stop.set()
+
+    def _sample_stuck(self) -> None:
+        probe = self._stuck_probe
+        while probe is not None and not self._stop.wait(self._stuck_every_s):
+            try:
+                counts = probe()
+            except Exception as exc:
+                logger.warning("stuck jobs not sampled (%s)", type(exc).__name__)
+                continue
+            if self._ready:
+                for status in ("pending", "processing"):
+                    self.stuck_jobs.labels(status).set(counts.get(status, 0))
 
     def job_started(self, kind: str, wait_s: float) -> None:
         """Count a start and its wait."""

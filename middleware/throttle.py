@@ -21,6 +21,7 @@ import dramatiq
 from dramatiq import Message
 from dramatiq.middleware import SkipMessage
 
+from middleware.attempts import attempt_token_of
 from middleware.limiters import (
     BucketLimit,
     ConcurrencyLimit,
@@ -46,6 +47,11 @@ def user_of(message: Any) -> str | None:
 def throttle_of(broker: dramatiq.Broker) -> UserThrottle | None:
     """The broker's ``UserThrottle``, if it has one."""
     return next((m for m in broker.middleware if isinstance(m, UserThrottle)), None)
+
+
+def holder_of(message: Any) -> str:
+    """Who holds a delivery's slot: its attempt token (the one that fences the job row), else its message id."""
+    return attempt_token_of(message) or str(message.message_id)
 
 
 def parked_entry(message: Any) -> bytes:
@@ -148,11 +154,17 @@ class UserThrottle(dramatiq.Middleware):
         key = f"{message.actor_name}:{user_id}"
         if isinstance(limit, ConcurrencyLimit):
             entry = parked_entry(message)
+            holder = holder_of(message)
             if self.leases.acquire(
-                key, message.message_id, limit=limit.limit, lease_ms=self.lease_ms, parked_entry=entry
+                key,
+                holder,
+                limit=limit.limit,
+                lease_ms=self.lease_ms,
+                parked_entry=entry,
+                handoff=message.message_id,
             ):
                 with self._lock:
-                    self._held[message.message_id] = (key, limit.limit)
+                    self._held[holder] = (key, limit.limit)
                 return
             logger.info("job parked: user at its limit of %d", limit.limit, extra={"user_id": user_id})
             raise SkipMessage("throttled: parked until a slot of this user frees")
@@ -168,11 +180,11 @@ class UserThrottle(dramatiq.Middleware):
         self, broker: dramatiq.Broker, message: Any, *, result: Any = None, exception: BaseException | None = None
     ) -> None:
         """Give the slot back, handing it to the user's oldest parked message."""
-        self._release(broker, message.message_id)
+        self._release(broker, holder_of(message))
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         """A message skipped after it took a slot (by a later middleware) gives the slot back too."""
-        self._release(broker, message.message_id)
+        self._release(broker, holder_of(message))
 
     # -- the sending side -----------------------------------------------------------------------
 
@@ -297,16 +309,24 @@ class UserThrottle(dramatiq.Middleware):
         renew_every_s = self.lease_ms / 3000
         sweep_every_s = self.sweep_interval_ms / 1000
         next_renew = next_sweep = 0.0
+        epoch: str | None = None
         while not self._stop.is_set():
             now = time.monotonic()
             if self._unreleased and self._broker is not None:
                 self._retry_releases(self._broker)
             try:
-                if now >= next_renew:
+                current_epoch = self.leases.epoch()
+                restarted = epoch is not None and current_epoch != epoch
+                if restarted:
+                    # Redis restarted: leases it lost would let other jobs in above the limit; put ours back now.
+                    # (Only then: a lease that merely expired, this process being frozen, may be someone's now.)
+                    logger.warning("throttle backend restarted: recreating the leases this process holds")
+                if restarted or now >= next_renew:
                     with self._lock:
                         held = [(key, holder) for holder, (key, _) in self._held.items()]
-                    self.leases.renew(held, lease_ms=self.lease_ms)
+                    self.leases.renew(held, lease_ms=self.lease_ms, recreate=restarted)
                     next_renew = now + renew_every_s
+                epoch = current_epoch
                 if now >= next_sweep and self._broker is not None:
                     self._sweep(self._broker)
                     next_sweep = now + sweep_every_s

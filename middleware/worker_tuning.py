@@ -13,12 +13,14 @@ from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 
 from middleware.bad_messages import dead_letter_undecodable
+from middleware.consumer_recovery import use_resilient_consumers
 
 logger = logging.getLogger(__name__)
 
 
 class WorkerTuning(dramatiq.Middleware):
-    """Set how many messages a worker process holds per queue, and how long an idle consumer sleeps.
+    """Set how many messages a worker process holds per queue, how long an idle consumer sleeps, and make
+    its consumer threads keep their delayed messages through Redis reconnects (``consumer_recovery``).
 
     Dramatiq prefetches twice the thread count by default, which suits short tasks. LLM jobs run for
     minutes, so a message prefetched by a busy process waits there while another process idles.
@@ -43,6 +45,7 @@ class WorkerTuning(dramatiq.Middleware):
         """Set the prefetch and polling before the worker starts its consumers."""
         worker.queue_prefetch = max(1, worker.worker_threads * self.prefetch_per_thread)
         worker.worker_timeout = self.poll_interval_ms
+        use_resilient_consumers(worker)
         logger.debug("prefetch %d per queue, idle poll every %d ms", worker.queue_prefetch, self.poll_interval_ms)
 
 

@@ -31,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from repositories.redaction import redact
@@ -128,6 +130,13 @@ class JobRow(Base):
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument, nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The attempt token of the delivery running the job: fresh per delivery, it fences every write."""
+    lease_message: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The broker message id of that delivery (a redelivered copy of it waits for the lease to go stale)."""
+    retries: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    """Provider retries spent: a message re-sent by the reconciler carries this count, not zero."""
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    """When the next attempt of a job waiting to retry is due."""
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
@@ -169,6 +178,9 @@ class Job:
     lease_owner: str | None
     heartbeat_at: datetime | None
     enqueued_at: datetime | None
+    lease_message: str | None = None
+    retries: int = 0
+    not_before: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Job:
@@ -178,6 +190,17 @@ class Job:
         values["status"] = JobStatus(values["status"])
         values["content"] = values["content"] or ""
         return cls(**values)
+
+
+def is_store_outage(error: BaseException) -> bool:
+    """True when ``error`` says the store could not be reached or did not answer (not that a query was wrong).
+
+    Connection refused or lost, a pool or statement timeout, a database being restarted: the job waits
+    for the store to come back; it never spends a provider retry on it.
+    """
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, OperationalError | InterfaceError | PoolTimeoutError | DisconnectionError)
 
 
 def normalize_database_url(url: str) -> str:
@@ -385,21 +408,24 @@ class JobStore:
         *,
         owner: str,
         lease_s: float,
+        message_id: str | None = None,
         user_id: str | None = None,
         kind: JobKind | None = None,
         count_attempt: bool = True,
     ) -> Job | None:
-        """Move a job to ``processing`` for ``owner`` (a message id); None when it is not ours to run.
+        """Move a job to ``processing`` for ``owner`` (a fresh attempt token); None when it is not ours to run.
 
-        A pending job is claimed. A processing job is claimed again by the same message (redelivered
-        after its worker died) or, once its heartbeat is older than ``lease_s``, by any message. With
-        ``user_id`` and ``kind``, only a job of that user and kind is claimed.
+        A pending job is claimed; a processing job only once its heartbeat is older than ``lease_s``
+        (its worker died or froze), never while another attempt keeps it alive, even by a redelivered
+        copy of the same message. ``message_id`` is recorded as ``lease_message``. With ``user_id``
+        and ``kind``, only a job of that user and kind is claimed.
         """
         now = utcnow()
         stale = now - timedelta(seconds=lease_s)
         values: dict[str, Any] = {
             "status": str(JobStatus.PROCESSING),
             "lease_owner": owner,
+            "lease_message": message_id,
             "heartbeat_at": now,
             "updated_at": now,
             "started_at": func.coalesce(JobRow.started_at, now),
@@ -420,7 +446,7 @@ class JobStore:
                 or_(
                     JobRow.status == JobStatus.PENDING,
                     (JobRow.status == JobStatus.PROCESSING)
-                    & or_(JobRow.lease_owner == owner, JobRow.heartbeat_at < stale),
+                    & or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale),
                 ),
             )
             .values(values)
@@ -469,14 +495,23 @@ class JobStore:
             JobRow.lease_owner == owner,
         )
 
-    def release_for_retry(self, job_id: str, *, owner: str, error: str) -> bool:
-        """Send a processing job back to pending for another attempt, dropping the failed attempt's text."""
-        return self._transition(
-            job_id,
-            JobStatus.PENDING,
-            {"error": error, "content": "", "lease_owner": None, "heartbeat_at": None},
-            JobRow.lease_owner == owner,
-        )
+    def release_for_retry(
+        self, job_id: str, *, owner: str, error: str, retry_at: datetime | None = None, count_retry: bool = False
+    ) -> bool:
+        """Send a processing job back to pending for another attempt, dropping the failed attempt's text.
+
+        ``count_retry`` spends one of the job's provider retries; ``retry_at`` is when the next attempt is due.
+        """
+        values: dict[str, Any] = {
+            "error": error,
+            "content": "",
+            "lease_owner": None,
+            "heartbeat_at": None,
+            "not_before": retry_at,
+        }
+        if count_retry:
+            values["retries"] = JobRow.retries + 1
+        return self._transition(job_id, JobStatus.PENDING, values, JobRow.lease_owner == owner)
 
     def fail(self, job_id: str, *, error: str, owner: str | None = None) -> bool:
         """Fail a pending or processing job (only the owner's, when ``owner`` is given)."""
@@ -499,6 +534,91 @@ class JobStore:
                 )
                 .values(content=content)
             )
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    def stranded_candidates(self, *, pending_before: datetime, stale_before: datetime, limit: int = 500) -> list[Job]:
+        """Jobs that may have lost their way to completion, oldest first.
+
+        Pending jobs untouched (and not waiting for a due retry) since ``pending_before``, and processing
+        jobs whose heartbeat is older than ``stale_before``. Whether their message still lives in the
+        broker is for the caller to check.
+        """
+        query = (
+            select(JobRow)
+            .where(
+                or_(
+                    (JobRow.status == JobStatus.PENDING)
+                    & (func.coalesce(JobRow.not_before, JobRow.updated_at) < pending_before)
+                    & (JobRow.updated_at < pending_before),
+                    (JobRow.status == JobStatus.PROCESSING)
+                    & or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before),
+                )
+            )
+            .order_by(JobRow.updated_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [Job.from_row(row) for row in connection.execute(query).all()]
+
+    def take_for_resend(self, job: Job, *, note: str) -> bool:
+        """Mark ``job`` (a snapshot from ``stranded_candidates``) as re-sent; True for the one caller that wins.
+
+        A compare-and-set against the snapshot: a job that moved meanwhile (claimed, heart-beaten, retried)
+        is left alone, and of several reconcilers racing only one re-sends. A processing job whose attempt
+        is gone goes back to ``pending``, dropping that attempt's text.
+        """
+        now = utcnow()
+        if job.status is JobStatus.PENDING:
+            statement = (
+                update(JobRow)
+                .where(
+                    JobRow.job_id == job.job_id,
+                    JobRow.status == JobStatus.PENDING,
+                    JobRow.updated_at == job.updated_at,
+                )
+                .values(updated_at=now, enqueued_at=now)
+            )
+        elif job.status is JobStatus.PROCESSING:
+            same_heartbeat = (
+                JobRow.heartbeat_at.is_(None) if job.heartbeat_at is None else JobRow.heartbeat_at == job.heartbeat_at
+            )
+            statement = (
+                update(JobRow)
+                .where(
+                    JobRow.job_id == job.job_id,
+                    JobRow.status == JobStatus.PROCESSING,
+                    JobRow.lease_owner.is_(None) if job.lease_owner is None else JobRow.lease_owner == job.lease_owner,
+                    same_heartbeat,
+                )
+                .values(
+                    status=str(JobStatus.PENDING),
+                    lease_owner=None,
+                    heartbeat_at=None,
+                    content="",
+                    error=note,
+                    not_before=None,
+                    updated_at=now,
+                    enqueued_at=now,
+                )
+            )
+        else:
+            return False
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def count_stale_processing(self, stale_before: datetime) -> int:
+        """How many processing jobs have a heartbeat older than ``stale_before`` (their attempt is gone)."""
+        query = (
+            select(func.count())
+            .select_from(JobRow)
+            .where(
+                JobRow.status == JobStatus.PROCESSING,
+                or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before),
+            )
+        )
+        with self.engine.connect() as connection:
+            return int(connection.execute(query).scalar_one())
 
     # -- retention ------------------------------------------------------------------------------
 

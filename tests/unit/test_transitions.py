@@ -76,14 +76,32 @@ def test_a_processing_job_with_a_live_lease_is_not_claimed_by_another_message(sq
     assert sqlite_store.claim(job_id, owner="m2", lease_s=30) is None
 
 
-def test_the_same_message_reclaims_its_job_after_its_worker_died(sqlite_store: JobStore) -> None:
-    # Given a job processing under message m1 (its worker was killed)
-    job_id = _processing_job(sqlite_store, owner="m1")
-    # When m1 is redelivered
-    job = sqlite_store.claim(job_id, owner="m1", lease_s=30)
-    # Then it takes the job over, counting a second attempt
+def test_a_redelivered_copy_of_the_same_message_cannot_take_a_live_lease(sqlite_store: JobStore) -> None:
+    # Given a job processing under attempt token t1 of message m1 (its worker froze past the broker's timeout)
+    job_id = unique("job")
+    sqlite_store.create(job_id=job_id, user_id="u1", kind=JobKind.GENERATE, request={})
+    assert sqlite_store.claim(job_id, owner="t1", message_id="m1", lease_s=30) is not None
+    # When m1 is redelivered, with a fresh token t2, while the lease is live
+    # Then it does not take the job over, and t1 still owns the row
+    assert sqlite_store.claim(job_id, owner="t2", message_id="m1", lease_s=30) is None
+    assert sqlite_store.heartbeat(job_id, owner="t1")
+
+
+def test_a_stale_lease_is_taken_over_with_a_fresh_token_and_fences_the_old_one(sqlite_store: JobStore) -> None:
+    # Given a job processing under token t1 whose heartbeat is stale
+    job_id = unique("job")
+    sqlite_store.create(job_id=job_id, user_id="u1", kind=JobKind.GENERATE, request={})
+    assert sqlite_store.claim(job_id, owner="t1", message_id="m1", lease_s=30) is not None
+    # When a redelivered copy of the same message claims it with token t2
+    job = sqlite_store.claim(job_id, owner="t2", message_id="m1", lease_s=0)
+    # Then t2 owns it, a second attempt is counted, and t1 can write nothing any more
     assert job is not None
-    assert job.attempts == 2
+    assert (job.lease_owner, job.lease_message, job.attempts) == ("t2", "m1", 2)
+    assert not sqlite_store.heartbeat(job_id, owner="t1", content="stale")
+    assert not sqlite_store.complete(
+        job_id, owner="t1", content="x", response={}, provider=None, model=None, usage=None
+    )
+    assert not sqlite_store.release_for_retry(job_id, owner="t1", error="late")
 
 
 def test_a_stale_lease_is_taken_over_by_any_message(sqlite_store: JobStore) -> None:

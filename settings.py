@@ -12,6 +12,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from admission.lanes import parse_lanes
+
 
 class ProviderName(StrEnum):
     """The model providers a worker can be configured with (``LLM_PROVIDER``)."""
@@ -124,6 +126,11 @@ class Settings(BaseSettings):
     """How long a per-job stream token opens the job's event stream, in seconds."""
     web_dev_identity: bool = False
     """Development only: the web app takes the user from the ``X-User-Id`` header (anyone can be anyone)."""
+    provider_lanes: str = ""
+    """JSON list of provider lanes with shared request, token and concurrency limits (see ``admission.lanes``);
+    empty: no lane, nothing limited per provider account."""
+    lane_max_wait_s: PositiveInt = 3600
+    """A job waiting for its provider lane longer than this gives up with an error, in seconds."""
     log_level: str = "INFO"
     log_format: LogFormatName = LogFormatName.TEXT
     """``text`` lines with the job's ids, or ``json``: one object per line (workers and the scheduler)."""
@@ -133,6 +140,12 @@ class Settings(BaseSettings):
     def _cron_has_five_fields(cls, value: str) -> str:
         if len(value.split()) != 5:
             raise ValueError("must be a five-field crontab expression, e.g. '0 2 * * *'")
+        return value
+
+    @field_validator("provider_lanes")
+    @classmethod
+    def _lanes_are_valid(cls, value: str) -> str:
+        parse_lanes(value)
         return value
 
     @field_validator("database_url")

@@ -13,16 +13,24 @@ from __future__ import annotations
 import dramatiq
 
 from actors import log_redaction, runtime
-from actors.wiring import actor_options, build_broker, build_runtime, job_metrics, register_configured_secrets
+from actors.wiring import (
+    actor_options,
+    build_broker,
+    build_runtime,
+    job_metrics,
+    lane_gate,
+    register_configured_secrets,
+)
 from settings import load_settings
 
 settings = load_settings()
 register_configured_secrets(settings)
 log_redaction.install()
 metrics = job_metrics(settings)
-broker = build_broker(settings, metrics)
+lanes = lane_gate(settings, metrics)
+broker = build_broker(settings, metrics, lanes)
 dramatiq.set_broker(broker)
-runtime.configure(lambda: build_runtime(settings, metrics), actor_options(settings))
+runtime.configure(lambda: build_runtime(settings, metrics, lanes), actor_options(settings))
 
 from actors.api import cancel_job, enqueue_generation, enqueue_preview, get_job, user_loads  # noqa: E402
 from actors.jobs import JobFailed  # noqa: E402

@@ -27,6 +27,8 @@ import actors
 from actors import api as actors_api
 from actors import runtime
 from actors.reconciler import Reconciler
+from actors.wiring import lane_book
+from admission.lane_store import RedisLaneStore
 from repositories.redaction import redact
 from repositories.sql_deadline import StoreUnavailable
 from repositories.store import Job, JobStatus, JobStore, utcnow
@@ -320,6 +322,7 @@ def _stats(args: argparse.Namespace) -> int:
         _print_table(["actor", "user", "running", "waiting"], rows, numeric={2, 3}, indent="  ")
     else:
         print("  none")
+    _print_lanes()
     reconciler = _reconciler()
     stuck = reconciler.stuck()
     print(
@@ -335,6 +338,41 @@ def _stats(args: argparse.Namespace) -> int:
         age_s = max(0.0, (utcnow() - created_at).total_seconds())
         print(f"oldest pending job: {age_s:.1f} s (job {job_id}, user {user_id})")
     return EXIT_OK
+
+
+def _print_lanes() -> None:
+    """Per provider lane: requests and tokens in its current window, slots in use, pause, jobs waiting."""
+    book = lane_book(actors.settings)
+    if not book:
+        return
+    print("provider lanes (requests and tokens in the current window)")
+    store = RedisLaneStore(actors.broker.client)
+    rows = []
+    for lane in book.lanes:
+        stats = store.stats(lane, lease_ms=actors.settings.throttle_lease_s * 1000)
+        config = lane.config
+        paused = "-"
+        if stats.paused_until_ms > time.time() * 1000:
+            paused = datetime.fromtimestamp(stats.paused_until_ms / 1000, tz=UTC).strftime("%H:%M:%S")
+        elif stats.probing:
+            paused = "probing"
+        rows.append(
+            [
+                lane.label(),
+                f"{stats.requests}/{config.requests_per_minute or '-'}",
+                f"{stats.tokens}/{config.tokens_per_minute or '-'}",
+                f"{stats.slots}/{config.concurrent or '-'}",
+                paused,
+                str(stats.waiting),
+                str(stats.rate_limited),
+            ]
+        )
+    _print_table(
+        ["lane", "requests", "tokens", "slots", "paused until", "waiting", "429s"],
+        rows,
+        numeric={5, 6},
+        indent="  ",
+    )
 
 
 def _requeue(args: argparse.Namespace) -> int:

@@ -15,19 +15,23 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dramatiq.common import compute_backoff
 from dramatiq.errors import Retry
 
 from actors.cancellation import CancelSignals, CancelWatch
 from actors.payloads import GenerateMessage, PreviewMessage
+from admission.lanes import estimate_text_tokens
 from middleware.metrics import JobObserver
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
 from repositories.live_text import LiveText
 from repositories.store import Job, JobKind, JobStatus, JobStore, is_store_outage, utcnow
+
+if TYPE_CHECKING:
+    from admission.lane_gate import LaneGate, LaneWait
 
 logger = logging.getLogger(__name__)
 
@@ -142,10 +146,13 @@ class JobRunner:
         cancel_signals: CancelSignals | None = None,
         observer: JobObserver | None = None,
         live_text: LiveText | None = None,
+        lanes: LaneGate | None = None,
     ) -> None:
         self.store = store
         self.observer: JobObserver = observer or JobObserver()
         self.live_text = live_text or LiveText()
+        self.lanes = lanes
+        """Provider lanes: asked right before a request leaves, told of a 429/529 and of the tokens used."""
         self.cancel_signals = cancel_signals
         self._active: set[CancelWatch] = set()
         self._active_lock = threading.Lock()
@@ -380,9 +387,19 @@ class JobRunner:
         started = time.monotonic()
         logger.info("attempt %d started", job.attempts, extra=log_extra)
         kind = str(job.kind)
+        lane_wait = self.lanes.lane_closed(delivery.token) if self.lanes is not None else None
+        if lane_wait is not None:
+            self._wait_in_lane(job, delivery, lane_wait, log_extra)
+            return
+        progress = _Progress()
         try:
-            result = asyncio.run(self._stream(job, delivery, provider, request, watch, timeout_s))
+            result = asyncio.run(self._stream(job, delivery, provider, request, watch, timeout_s, progress))
         except Exception as error:
+            lane_wait = self._lane_after_failure(delivery, error, progress)
+            if lane_wait is not None:
+                self._wait_in_lane(job, delivery, lane_wait, log_extra)
+                self.observer.attempt_finished(kind, provider.name, "rate_limited", time.monotonic() - started)
+                return
             outcome = self._attempt_failed(job, delivery, error, log_extra)
             failed = isinstance(outcome, JobFailed)
             attempt_outcome = "retried" if isinstance(outcome, Retry) else "failed" if failed else "dropped"
@@ -397,6 +414,7 @@ class JobRunner:
             logger.warning("attempt interrupted by %s", type(interruption).__name__, extra=log_extra)
             raise
         elapsed = time.monotonic() - started
+        self._report_lane_usage(delivery, result)
         if result.handed_back:
             note = f"attempt {job.attempts} stopped: its worker shut down; the job went back to the queue"
             released = self._persist(lambda: self.store.release_for_retry(job.job_id, owner=delivery.token, error=note))
@@ -425,6 +443,41 @@ class JobRunner:
         self.observer.job_finished(kind, provider.name, "completed" if completed else "cancelled")
         logger.info("attempt finished in %.2fs", elapsed, extra=log_extra)
 
+    # -- provider lanes -------------------------------------------------------------------------
+
+    def _lane_after_failure(self, delivery: Delivery, error: Exception, progress: _Progress) -> LaneWait | None:
+        """A 429/529 pauses the delivery's lane (the wait is returned); any other failure settles to what streamed."""
+        if self.lanes is None:
+            return None
+        if isinstance(error, ProviderError):
+            wait = self.lanes.rate_limited(delivery.token, status=error.status_code, retry_after_s=error.retry_after_s)
+            if wait is not None:
+                return wait
+        streamed = sum(len(piece) for piece in progress.pieces)
+        self.lanes.used(delivery.token, self.lanes.prompt_estimate(delivery.token) + estimate_text_tokens(streamed))
+        return None
+
+    def _report_lane_usage(self, delivery: Delivery, result: AttemptResult) -> None:
+        """Settle the lane's reservation: the provider's usage, else the estimate of what was streamed."""
+        if self.lanes is None:
+            return
+        usage = result.finished.usage if result.finished is not None else None
+        if usage is not None:
+            tokens = usage.total_tokens
+        else:
+            tokens = self.lanes.prompt_estimate(delivery.token) + estimate_text_tokens(len(result.text))
+        self.lanes.used(delivery.token, tokens)
+
+    def _wait_in_lane(self, job: Job, delivery: Delivery, wait: LaneWait, log_extra: dict[str, Any]) -> None:
+        """Send the job back to its lane's line: pending with why it waits, the same message again, no retry spent."""
+        retry_at = datetime.fromtimestamp(wait.until_ms / 1000, tz=UTC) if wait.until_ms else None
+        released = self._persist(
+            lambda: self.store.release_for_retry(job.job_id, owner=delivery.token, error=wait.note, retry_at=retry_at)
+        )
+        if released and delivery.requeue is not None:
+            delivery.requeue()
+        logger.warning("%s; no retry spent", wait.note, extra=log_extra)
+
     def _provider_for(self, kind: JobKind) -> ChatProvider:
         return self._preview_provider_factory() if kind is JobKind.PREVIEW else self._provider_factory()
 
@@ -436,12 +489,13 @@ class JobRunner:
         request: ChatRequest,
         watch: CancelWatch,
         timeout_s: float,
+        progress: _Progress | None = None,
     ) -> AttemptResult:
         """Read the stream while writing progress and the lease heartbeat every ``progress_interval_s``.
 
         The stream stops when the cancel signal arrives, or when a heartbeat finds the job no longer ours.
         """
-        progress = _Progress()
+        progress = progress if progress is not None else _Progress()
 
         async def pump() -> Finished:
             async for event in provider.stream(request):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
@@ -22,9 +23,13 @@ from pydantic import SecretStr
 
 from actors import runtime
 from actors.cancellation import CancelSignals
-from actors.jobs import JobRunner, RetryPolicy
+from actors.jobs import PREVIEW_INPUT_CHARS, PREVIEW_MAX_CHARS, PREVIEW_PROMPT, JobRunner, RetryPolicy
 from actors.payloads import salvage_identity
 from actors.runtime import ActorOptions, Runtime
+from admission.lane_gate import LaneGate
+from admission.lane_store import RedisLaneStore
+from admission.lanes import LaneBook, LaneTicket, estimate_prompt_tokens, parse_lanes
+from admission.metrics import LaneGauges
 from middleware.attempts import AttemptTokens
 from middleware.bad_messages import MalformedMessages, RedactTracebacks
 from middleware.graceful_shutdown import GracefulShutdown
@@ -50,7 +55,9 @@ logger = logging.getLogger(__name__)
 MAINTENANCE_CHANCE = 100_000
 
 
-def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> WakingRedisBroker:
+def build_broker(
+    settings: Settings, metrics: JobMetrics | None = None, lanes: LaneGate | None = None
+) -> WakingRedisBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages."""
     client = redis_client(settings)
     middleware: list[dramatiq.Middleware] = [
@@ -66,6 +73,8 @@ def build_broker(settings: Settings, metrics: JobMetrics | None = None) -> Wakin
             lease_ms=settings.throttle_lease_s * 1000,
             on_waiting=metrics.sample_waiting if metrics is not None else None,
         ),
+        # After the user throttle: a job takes its user's slot first, then its provider lane's.
+        *([lanes] if lanes is not None else []),
         AgeLimit(),
         TimeLimit(time_limit=(settings.generate_timeout_s + 60) * 1000),
         ShutdownNotifications(),
@@ -229,7 +238,7 @@ def live_text(settings: Settings) -> LiveText | None:
     return RedisLiveText(client, ended_ttl_s=settings.live_text_ttl_s)
 
 
-def build_runtime(settings: Settings, metrics: JobMetrics | None = None) -> Runtime:
+def build_runtime(settings: Settings, metrics: JobMetrics | None = None, lanes: LaneGate | None = None) -> Runtime:
     """The job store (migrated when ``AUTO_MIGRATE`` is on), the job runner and the cancel signals."""
     engine = create_store_engine(
         settings.database_url,
@@ -255,5 +264,84 @@ def build_runtime(settings: Settings, metrics: JobMetrics | None = None) -> Runt
         cancel_signals=signals,
         observer=metrics,
         live_text=live_text(settings),
+        lanes=lanes,
     )
     return Runtime(store=store, runner=runner, cancel_signals=signals)
+
+
+def lane_book(settings: Settings) -> LaneBook:
+    """The ``PROVIDER_LANES`` of this worker, resolved for the API keys it is configured with."""
+    keys = {
+        "openrouter": settings.openrouter_api_key.get_secret_value() if settings.openrouter_api_key else None,
+        "anthropic": settings.anthropic_api_key.get_secret_value() if settings.anthropic_api_key else None,
+    }
+    return LaneBook(parse_lanes(settings.provider_lanes), keys=keys)
+
+
+def lane_tickets(settings: Settings, book: LaneBook) -> Callable[[Any], LaneTicket | None]:
+    """The one function that reads a job message for its lane: provider, model, user and the tokens to reserve."""
+    generate_provider = str(settings.llm_provider)
+    preview_provider = (
+        str(ProviderName.ANTHROPIC) if settings.llm_provider is ProviderName.CLAUDE_AGENT_SDK else generate_provider
+    )
+
+    def ticket(message: Any) -> LaneTicket | None:
+        fields: dict[str, Any] = dict(zip(("job_id", "user_id"), message.args, strict=False))
+        fields.update(message.kwargs)
+        job_id, user_id = fields.get("job_id"), fields.get("user_id")
+        if not isinstance(job_id, str) or not isinstance(user_id, str):
+            return None
+        if message.actor_name == "generate_llm_response":
+            params = fields.get("params", (list(message.args[2:3]) or [None])[0])
+            if not isinstance(params, dict) or not isinstance(params.get("model"), str):
+                return None
+            lane = book.lane_for(generate_provider, params["model"])
+            if lane is None:
+                return None
+            raw_messages = params.get("messages")
+            messages: list[Any] = raw_messages if isinstance(raw_messages, list) else []
+            contents = [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+            prompt = estimate_prompt_tokens(contents)
+            max_tokens = params.get("max_tokens")
+            answer = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else lane.config.default_max_tokens
+            return LaneTicket(lane, user_id, job_id, prompt + answer, prompt)
+        if message.actor_name == "generate_preview":
+            content, title = fields.get("content"), fields.get("title")
+            if not isinstance(content, str) or len(content) <= PREVIEW_MAX_CHARS:
+                return None  # kept as is: no model is called
+            lane = book.lane_for(preview_provider, settings.preview_model)
+            if lane is None:
+                return None
+            prompt = estimate_prompt_tokens([PREVIEW_PROMPT, f"Title: {title}\n\n{content[:PREVIEW_INPUT_CHARS]}"])
+            return LaneTicket(lane, user_id, job_id, prompt + 100, prompt)
+        return None
+
+    return ticket
+
+
+def lane_gate(settings: Settings, metrics: JobMetrics | None = None) -> LaneGate | None:
+    """The provider lanes' middleware (also the runner's hooks), or None when ``PROVIDER_LANES`` is empty."""
+    book = lane_book(settings)
+    if not book:
+        return None
+
+    def note_waiting(message: Any, note: str) -> None:
+        job_id = message.kwargs.get("job_id")
+        if isinstance(job_id, str):
+            runtime.current().store.note_waiting(job_id, note)
+
+    def give_up(message: Any, error: str) -> None:
+        job_id = message.kwargs.get("job_id")
+        if isinstance(job_id, str) and runtime.current().store.fail(job_id, error=error):
+            logger.warning("job failed: %s", error, extra={"job_id": job_id})
+
+    return LaneGate(
+        store=RedisLaneStore(redis_client(settings)),
+        lanes=book.lanes,
+        tickets=lane_tickets(settings, book),
+        lease_ms=settings.throttle_lease_s * 1000,
+        max_wait_s=settings.lane_max_wait_s,
+        on_waiting=note_waiting,
+        on_gave_up=give_up,
+        on_sample=LaneGauges().sample if metrics is not None else None,
+    )

@@ -220,13 +220,14 @@ class LaneGate(dramatiq.Middleware):
     # -- the runner's hooks ---------------------------------------------------------------------
 
     def lane_closed(self, token: str) -> LaneWait | None:
-        """Right before sending: a wait when the lane was paused after this delivery was admitted, else None."""
+        """Right before sending: a wait when the lane was paused after this delivery was admitted, else None
+        (and the request counts in its lane's window from now: the provider's clock starts about now too)."""
         with self._lock:
             held = self._held.get(token)
         if held is None:
             return None
-        until, probe = self.store.paused_until(held.lane)
-        if until <= now_ms() or probe == token:
+        until = self.store.sending(held.lane, token, lease_ms=self.lease_ms)
+        if until == 0:
             return None
         held.settle = NOT_SENT
         note = f"waiting for {held.lane.provider}: paused until {_clock(until)} after a 429"
@@ -293,8 +294,8 @@ class LaneGate(dramatiq.Middleware):
         else:
             return
         try:
-            _, entries = self.store.release(lane, who, settle_tokens=settle, lease_ms=self.lease_ms)
-            self._enqueue_handoffs(broker, entries)
+            released = self.store.release(lane, who, settle_tokens=settle, lease_ms=self.lease_ms)
+            self._enqueue_handoffs(broker, released.handoffs)
         except Exception as exc:  # the lease expires and the sweep hands the capacity on
             logger.warning("could not release a lane slot now (%s); its lease will", type(exc).__name__)
 
@@ -313,7 +314,8 @@ class LaneGate(dramatiq.Middleware):
             self.store.handed_off(message_id)
 
     def _maintain(self) -> None:
-        """Renew leases every lease/3; every sweep hand free capacity on; wake exactly when a pause ends."""
+        """Renew leases every lease/3; hand free capacity on every sweep, and exactly when a pause ends or the
+        oldest request of a full window leaves it (whichever comes first)."""
         renew_every_s = self.lease_ms / 3000
         next_renew = next_sample = next_expiry = 0.0
         while not self._stop.is_set():
@@ -338,14 +340,15 @@ class LaneGate(dramatiq.Middleware):
             self._stop.wait(max(0.005, min(wake_s, renew_every_s)))
 
     def _sweep(self, broker: dramatiq.Broker) -> float:
-        """Hand free capacity of every lane on; the seconds until the next pause ends (when sooner)."""
+        """Hand free capacity of every lane on; the seconds until a pause ends or a window frees capacity."""
         wake_s = float("inf")
         for lane in self.lanes:
-            until, entries = self.store.release(lane, None, settle_tokens=KEEP_RESERVATION, lease_ms=self.lease_ms)
-            self._enqueue_handoffs(broker, entries)
-            left_ms = until - now_ms()
-            if left_ms > 0:
-                wake_s = min(wake_s, left_ms / 1000 + 0.002)
+            released = self.store.release(lane, None, settle_tokens=KEEP_RESERVATION, lease_ms=self.lease_ms)
+            self._enqueue_handoffs(broker, released.handoffs)
+            now = now_ms()
+            for moment in (released.paused_until_ms, released.next_free_ms):
+                if moment > now:
+                    wake_s = min(wake_s, (moment - now) / 1000 + 0.002)
         for message_id, body in self.store.stale_handoffs(older_than_ms=self.lease_ms):
             logger.warning("re-enqueueing a lane handoff whose worker died", extra={"message_id": message_id})
             message = Message.decode(body)

@@ -5,8 +5,9 @@ Per lane (prefix ``llm-lanes:``, lane id after the last colon):
 - ``slots`` (sorted set): holder -> lease expiry in ms; the requests in flight. A holder that stops
   renewing (its worker was SIGKILLed) drops out when its lease expires, and its token reservation is
   settled down to its prompt estimate (the answer it reserved may never have been generated).
-- ``ev`` / ``evtok`` / ``sum``: every request admitted in the sliding window (ticket -> admission time),
-  its tokens (``reserved,prompt``) and their running total; a request is settled to its real usage.
+- ``ev`` / ``evtok`` / ``sum``: every request admitted in the sliding window (ticket -> when it was sent:
+  admission time, re-stamped right before the request leaves, so the window slides as the provider's
+  does), its tokens (``reserved,prompt``) and their running total; a request is settled to its real usage.
 - ``state`` (hash): ``until`` (paused until, ms), ``probing`` (1 after a pause: one probe goes first),
   ``probe`` (its holder), ``level`` (consecutive pauses without ``Retry-After``), ``reason``, counters.
 - ``rr`` (list): the users with waiting messages, in round-robin order; ``parked:<lane>|<user>`` the
@@ -213,14 +214,20 @@ if holder ~= '' then
   redis.call('zrem', slots, holder)
   if redis.call('hget', st, 'probe') == holder then
     redis.call('hset', st, 'probe', '')
-    if now >= tonumber(redis.call('hget', st, 'until') or '0') then
+    -- a probe that was never sent proves nothing: the next waiting message probes instead
+    if tokens ~= -2 and now >= tonumber(redis.call('hget', st, 'until') or '0') then
       redis.call('hset', st, 'probing', '0', 'level', '0')
     end
   end
 end
 expire()
-local out = {tonumber(redis.call('hget', st, 'until') or '0')}
+local out = {tonumber(redis.call('hget', st, 'until') or '0'), 0}
 hand_off(out)
+-- messages still wait on a window: when its oldest request leaves it, capacity may free
+if redis.call('llen', rr) > 0 then
+  local oldest = redis.call('zrange', ev, 0, 0, 'WITHSCORES')
+  if oldest[2] then out[2] = tonumber(oldest[2]) + window + 1 end
+end
 return out
 """
 )
@@ -244,6 +251,19 @@ redis.call('hincrby', st, 'rate_limited', 1)
 if not already then redis.call('hincrby', st, 'episodes', 1) end
 if redis.call('hget', st, 'probe') == holder then redis.call('hset', st, 'probe', '') end
 return paused_until
+"""
+)
+
+_SENDING = (
+    _COMMON
+    + """
+local holder = ARGV[9]
+local paused_until = tonumber(redis.call('hget', st, 'until') or '0')
+local probe = redis.call('hget', st, 'probe') or ''
+if now < paused_until and probe ~= holder then return paused_until end
+local t = redis.call('hget', res, holder)
+if t and redis.call('zscore', ev, t) then redis.call('zadd', ev, now, t) end
+return 0
 """
 )
 
@@ -301,6 +321,16 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True)
+class Released:
+    """The answer of ``release``: when the pause ends and when a window may free capacity (ms, 0: not
+    waiting on it), and the parked messages handed a slot."""
+
+    paused_until_ms: int
+    next_free_ms: int
+    handoffs: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class LaneStats:
     """One lane as operators see it: requests and tokens in the current window, slots, pause, waiting jobs."""
 
@@ -329,6 +359,7 @@ class RedisLaneStore:
         self._release = client.register_script(_RELEASE)
         self._pause = client.register_script(_PAUSE)
         self._stats = client.register_script(_STATS)
+        self._sending = client.register_script(_SENDING)
         self._expired = client.register_script(_EXPIRED_WAITING)
 
     @property
@@ -390,18 +421,18 @@ class RedisLaneStore:
         reason_text = reason.decode() if isinstance(reason, bytes) else str(reason)
         return Admission(bool(admitted), reason_text, [bytes(e) for e in entries if isinstance(e, bytes)])
 
-    def release(self, lane: Lane, holder: str | None, *, settle_tokens: int, lease_ms: int) -> tuple[int, list[bytes]]:
+    def release(self, lane: Lane, holder: str | None, *, settle_tokens: int, lease_ms: int) -> Released:
         """Free ``holder``'s slot, settle its tokens, and hand free capacity to waiting messages, round-robin.
 
         ``settle_tokens`` is the request's real usage, ``KEEP_RESERVATION`` or ``NOT_SENT``. With no holder
-        it only hands off (the sweep). Returns when the lane's pause ends (ms, 0: none) and the handoffs.
+        it only hands off (the sweep).
         """
         result = cast(
             list[bytes | int],
             self._release(args=[*self._args(lane, lease_ms), holder or "", settle_tokens]),
         )
-        until, *entries = result
-        return int(until), [bytes(e) for e in entries if isinstance(e, bytes)]
+        until, next_free, *entries = result
+        return Released(int(until), int(next_free), [bytes(e) for e in entries if isinstance(e, bytes)])
 
     def pause(self, lane: Lane, *, holder: str, retry_after_s: float | None, lease_ms: int, reason: str) -> int:
         """Pause the lane after a 429/529 for ``retry_after_s``, or the backing-off default; returns until (ms)."""
@@ -418,6 +449,11 @@ class RedisLaneStore:
             ]
         )
         return int(cast(int, until))
+
+    def sending(self, lane: Lane, holder: str, *, lease_ms: int) -> int:
+        """Right before ``holder``'s request leaves: 0 and its window entry re-stamped to now, or, when the
+        lane was paused meanwhile (and ``holder`` is not its probe), when the pause ends (ms)."""
+        return int(cast(int, self._sending(args=[*self._args(lane, lease_ms), holder])))
 
     def paused_until(self, lane: Lane) -> tuple[int, str]:
         """When the lane's pause ends (ms since the epoch, 0: never paused) and who probes it (holder or '')."""

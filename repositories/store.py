@@ -518,6 +518,16 @@ class JobStore:
         conditions = [] if owner is None else [JobRow.lease_owner == owner]
         return self._transition(job_id, JobStatus.FAILED, {"error": error}, *conditions)
 
+    def note_waiting(self, job_id: str, note: str) -> bool:
+        """Say in a pending job's ``error`` why it waits (its provider lane, say); the status is not touched."""
+        statement = (
+            update(JobRow)
+            .where(JobRow.job_id == job_id, JobRow.status == JobStatus.PENDING)
+            .values(error=redact(note), updated_at=utcnow())
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
     def cancel(self, job_id: str, *, user_id: str) -> bool:
         """Cancel the user's pending or processing job; False if unknown, another user's, or finished."""
         return self._transition(job_id, JobStatus.CANCELLED, {}, JobRow.user_id == user_id)

@@ -66,7 +66,7 @@ def test_concurrency_limit_parks_the_third_and_hands_it_the_freed_slot(store: Re
     third = admit(store, target, "c")
     assert not third.admitted
     assert third.reason == "concurrency"
-    _, handed = store.release(target, "a", settle_tokens=5, lease_ms=LEASE_MS)
+    handed = store.release(target, "a", settle_tokens=5, lease_ms=LEASE_MS).handoffs
     assert handed == [entry("c")]
     # the handed message takes over the slot reserved under its id
     assert admit(store, target, "c-token", handoff="c").reason == "handoff"
@@ -77,7 +77,7 @@ def test_requests_per_window_count_every_admission_and_tokens_settle_to_usage(st
     target = lane(requests_per_minute=3, tokens_per_minute=100)
     assert admit(store, target, "a", tokens=60).admitted
     assert admit(store, target, "b", tokens=50).reason == "tokens"  # 60 + 50 > 100
-    _, handed = store.release(target, "a", settle_tokens=20, lease_ms=LEASE_MS)  # used 20 of 60
+    handed = store.release(target, "a", settle_tokens=20, lease_ms=LEASE_MS).handoffs  # used 20 of 60
     assert handed == [entry("b")]
     stats = store.stats(target)
     assert (stats.requests, stats.tokens) == (2, 70)
@@ -110,18 +110,35 @@ def test_a_pause_parks_everyone_then_exactly_one_probe_goes_first(store: RedisLa
     store.release(target, "a", settle_tokens=0, lease_ms=LEASE_MS)
     for name in ("b", "c", "d"):
         assert admit(store, target, name).reason == "paused"
-    assert store.release(target, None, settle_tokens=KEEP_RESERVATION, lease_ms=LEASE_MS)[1] == []
+    assert store.release(target, None, settle_tokens=KEEP_RESERVATION, lease_ms=LEASE_MS).handoffs == []
     time.sleep(0.35)
     # the pause is over: one sweep hands out exactly one probe, however many sweeps run
-    _, first = store.release(target, None, settle_tokens=KEEP_RESERVATION, lease_ms=LEASE_MS)
-    _, second = store.release(target, None, settle_tokens=KEEP_RESERVATION, lease_ms=LEASE_MS)
+    first = store.release(target, None, settle_tokens=KEEP_RESERVATION, lease_ms=LEASE_MS).handoffs
+    second = store.release(target, None, settle_tokens=KEEP_RESERVATION, lease_ms=LEASE_MS).handoffs
     assert first == [entry("b")]
     assert second == []
     assert admit(store, target, "e").reason == "probing"
     # the probe succeeds: the others follow
     assert admit(store, target, "b-token", handoff="b").admitted
-    _, rest = store.release(target, "b-token", settle_tokens=3, lease_ms=LEASE_MS)
+    rest = store.release(target, "b-token", settle_tokens=3, lease_ms=LEASE_MS).handoffs
     assert sorted(rest) == sorted([entry("c"), entry("d"), entry("e")])
+
+
+def test_a_probe_that_was_never_sent_hands_the_probe_to_the_next_waiting_message(store: RedisLaneStore) -> None:
+    target = lane()
+    assert admit(store, target, "a").admitted
+    store.pause(target, holder="a", retry_after_s=0.2, lease_ms=LEASE_MS, reason="429")
+    store.release(target, "a", settle_tokens=0, lease_ms=LEASE_MS)
+    admit(store, target, "b")
+    admit(store, target, "c")
+    time.sleep(0.25)
+    assert store.release(target, None, settle_tokens=KEEP_RESERVATION, lease_ms=LEASE_MS).handoffs == [entry("b")]
+    # When the handed probe is skipped before it is sent (its user is at its own limit, say)
+    handed = store.release(target, "b", settle_tokens=NOT_SENT, lease_ms=LEASE_MS).handoffs
+    # Then the lane is still probing, and the next message is the one probe
+    assert handed == [entry("c")]
+    assert store.stats(target).probing
+    assert admit(store, target, "d", park=False).reason == "probing"
 
 
 def test_a_probe_that_gets_another_429_pauses_again_with_backoff(store: RedisLaneStore) -> None:
@@ -148,7 +165,7 @@ def test_waiting_messages_are_admitted_round_robin_across_users(store: RedisLane
     order = []
     holder = "run"
     for _ in range(3):
-        _, handed = store.release(target, holder, settle_tokens=1, lease_ms=LEASE_MS)
+        handed = store.release(target, holder, settle_tokens=1, lease_ms=LEASE_MS).handoffs
         (next_entry,) = handed
         holder = next_entry.split(b"\n")[0].decode()
         order.append(holder)
@@ -213,3 +230,30 @@ def test_a_lane_is_named_by_a_hash_of_the_key_and_the_model_lane_wins_over_star(
 
 def test_the_prompt_estimate_is_chars_over_four_plus_framing() -> None:
     assert estimate_prompt_tokens(["a" * 400]) == 100 + 8
+
+
+def test_a_request_counts_in_its_window_from_when_it_is_sent(store: RedisLaneStore) -> None:
+    target = lane(requests_per_minute=1, window_s=1, margin_ms=0)
+    assert admit(store, target, "a", park=False).admitted
+    time.sleep(0.6)
+    assert store.sending(target, "a", lease_ms=LEASE_MS) == 0
+    store.release(target, "a", settle_tokens=1, lease_ms=LEASE_MS)
+    time.sleep(0.5)  # 1.1 s after admission, 0.5 s after it was sent
+    assert admit(store, target, "b", park=False).reason == "requests"
+
+
+def test_a_request_admitted_before_a_pause_is_held_back_when_it_would_leave(store: RedisLaneStore) -> None:
+    target = lane()
+    assert admit(store, target, "a", park=False).admitted
+    assert admit(store, target, "b", park=False).admitted
+    until = store.pause(target, holder="a", retry_after_s=5, lease_ms=LEASE_MS, reason="429")
+    assert store.sending(target, "b", lease_ms=LEASE_MS) == until
+
+
+def test_a_full_window_says_when_its_oldest_request_leaves_it(store: RedisLaneStore) -> None:
+    target = lane(requests_per_minute=1, window_s=2, margin_ms=0)
+    assert admit(store, target, "a").admitted
+    admit(store, target, "b")
+    released = store.release(target, "a", settle_tokens=1, lease_ms=LEASE_MS)
+    assert released.handoffs == []
+    assert 1900 < released.next_free_ms - time.time() * 1000 <= 2001

@@ -85,13 +85,15 @@ class JobFeed:
     """One job's live entries (read once from its Redis Stream) and its latest snapshot from the store.
 
     Listeners wait on ``changed()``. The store is read at the start, when an attempt starts or ends,
-    every ``idle_s`` without live text, and every ``poll_s`` while Redis fails.
+    after ``idle_s`` without live text (doubling up to ``max_idle_s`` while the job does not change),
+    and every ``poll_s`` while Redis fails.
     """
 
     job_id: str
     load: Callable[[], Awaitable[Snapshot | None]]
     redis: aioredis.Redis | None
     idle_s: float = 1.0
+    max_idle_s: float = 4.0
     poll_s: float = 0.5
     settle_s: float = 2.0
     """After the store says final, how long to wait for the attempt's ``end`` entry (its last text)."""
@@ -134,11 +136,12 @@ class JobFeed:
         settle_until: float | None = None
         loop = asyncio.get_running_loop()
         await self.refresh()
+        quiet_s = self.idle_s
         while True:
             snapshot = self.snapshot
             if snapshot is None:
                 return
-            block_s = self.idle_s
+            block_s = quiet_s
             if snapshot.job.status.is_final:
                 attempt = snapshot.job.attempts
                 awaiting_end = self.redis_ok and attempt in self._started and attempt not in self._ended
@@ -179,10 +182,23 @@ class JobFeed:
                     elif entry.kind == "end":
                         self._ended.add(entry.attempt)
                         boundary = True
+            if reply:
+                quiet_s = self.idle_s
             if boundary:
+                before = _state(snapshot)
                 await self.refresh()
+                if not reply and _state(self.snapshot) == before:
+                    quiet_s = min(quiet_s * 2, self.max_idle_s)
             else:
                 self._publish()
+
+
+def _state(snapshot: Snapshot | None) -> tuple[Any, ...] | None:
+    """What a listener could learn from a snapshot."""
+    if snapshot is None:
+        return None
+    job = snapshot.job
+    return (snapshot.status, snapshot.reason, job.attempts, len(job.content), job.updated_at)
 
 
 class FeedHub:

@@ -161,7 +161,9 @@ def test_the_stream_falls_back_to_the_store_after_the_live_stream_expired(stack:
     _submit(http, user["X-User-Id"], key)
     stack.wait_for_status(key)
     redis = actors.broker.client
-    wait_until(lambda: redis.ttl(stream_key(key)) > 0, timeout=5, what="the worker to set the live stream's expiry")
+    wait_until(
+        lambda: 0 < redis.ttl(stream_key(key)) <= 600, timeout=5, what="the live stream's expiry after the job ended"
+    )
     redis.pexpire(stream_key(key), 1)
     wait_until(lambda: not redis.exists(stream_key(key)), timeout=5, what="the live stream to expire")
     # When a client opens its events
@@ -209,9 +211,14 @@ def test_the_worker_writes_each_attempts_text_to_its_live_stream(stack: Stack, h
     stack.server.script_for(key, Reply.ok("live ", "text ", "here", chunk_delay_s=0.1))
     _submit(http, unique("u"), key)
     job = stack.wait_for_status(key)
-    # When the live stream in Redis is read
-    items: list[tuple[Any, dict[Any, Any]]] = actors.broker.client.xrange(stream_key(key))  # type: ignore[assignment]
-    entries = [entry for _, fields in items if (entry := LiveEntry.parse(fields)) is not None]
+
+    # When the live stream in Redis is read (the end entry follows the stored outcome)
+    def read_stream() -> list[LiveEntry]:
+        items: list[tuple[Any, dict[Any, Any]]] = actors.broker.client.xrange(stream_key(key))  # type: ignore[assignment]
+        return [entry for _, fields in items if (entry := LiveEntry.parse(fields)) is not None]
+
+    wait_until(lambda: read_stream()[-1].kind == "end", timeout=5, what="the end entry")
+    entries = read_stream()
     # Then it says the attempt began, holds its text at matching offsets, and that it ended
     assert entries[0] == LiveEntry("reset", 1)
     assert entries[-1] == LiveEntry("end", 1)

@@ -144,14 +144,7 @@ class JobStreams:
     def hub(self) -> FeedHub:
         """The feed hub of this process."""
         if self._hub is None:
-            import redis.asyncio as aioredis
-
-            client = (
-                aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2, health_check_interval=30)
-                if self.redis_url
-                else None
-            )
-            self._hub = FeedHub(client)
+            self._hub = FeedHub(self.redis_url)
         return self._hub
 
     async def close(self) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from sse_starlette import ServerSentEvent
 
@@ -91,7 +93,7 @@ class JobFeed:
 
     job_id: str
     load: Callable[[], Awaitable[Snapshot | None]]
-    redis: aioredis.Redis | None
+    reader: StreamReader | None
     idle_s: float = 1.0
     max_idle_s: float = 4.0
     poll_s: float = 0.5
@@ -149,17 +151,13 @@ class JobFeed:
                 if not awaiting_end or loop.time() >= settle_until:
                     return
                 block_s = max(0.01, settle_until - loop.time())
-            if self.redis is None:
+            if self.reader is None:
                 self.redis_ok = False
                 await asyncio.sleep(self.poll_s)
                 await self.refresh()
                 continue
             try:
-                key = stream_key(self.job_id)
-                reply = cast(
-                    "list[tuple[Any, list[tuple[Any, dict[Any, Any]]]]] | None",
-                    await self.redis.xread({key: last_id}, count=1000, block=int(block_s * 1000)),
-                )
+                items = await self.reader.read(stream_key(self.job_id), last_id, block_s)
             except (RedisError, OSError) as exc:
                 if self.redis_ok:
                     logger.warning("live text unavailable (%s): serving from the job store", type(exc).__name__)
@@ -168,26 +166,25 @@ class JobFeed:
                 await self.refresh()
                 continue
             self.redis_ok = True
-            boundary = not reply
-            for _key, items in reply or []:
-                for entry_id, fields in items:
-                    last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    entry = LiveEntry.parse(fields)
-                    if entry is None:
-                        continue
-                    self.entries.append(entry)
-                    if entry.kind == "reset":
-                        self._started.add(entry.attempt)
-                        boundary = True
-                    elif entry.kind == "end":
-                        self._ended.add(entry.attempt)
-                        boundary = True
-            if reply:
+            boundary = not items
+            for entry_id, fields in items:
+                last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                entry = LiveEntry.parse(fields)
+                if entry is None:
+                    continue
+                self.entries.append(entry)
+                if entry.kind == "reset":
+                    self._started.add(entry.attempt)
+                    boundary = True
+                elif entry.kind == "end":
+                    self._ended.add(entry.attempt)
+                    boundary = True
+            if items:
                 quiet_s = self.idle_s
             if boundary:
                 before = _state(snapshot)
                 await self.refresh()
-                if not reply and _state(self.snapshot) == before:
+                if not items and _state(self.snapshot) == before:
                     quiet_s = min(quiet_s * 2, self.max_idle_s)
             else:
                 self._publish()
@@ -201,11 +198,124 @@ def _state(snapshot: Snapshot | None) -> tuple[Any, ...] | None:
     return (snapshot.status, snapshot.reason, job.attempts, len(job.content), job.updated_at)
 
 
-class FeedHub:
-    """The feeds of one web process: one per job being watched, shared by its listeners."""
+StreamItems = list[tuple[Any, dict[Any, Any]]]
 
-    def __init__(self, redis: aioredis.Redis | None, *, idle_s: float = 1.0, poll_s: float = 0.5) -> None:
-        self.redis = redis
+
+@dataclass
+class _Read:
+    last_id: str
+    deadline: float
+    result: asyncio.Future[StreamItems]
+
+
+class StreamReader:
+    """Blocking reads of many Redis Streams served by one ``XREAD`` on one connection.
+
+    Each ``read`` waits for entries of one stream after ``last_id``, for at most ``block_s``. A read
+    that arrives while ``XREAD`` blocks without its stream unblocks it (``CLIENT UNBLOCK`` from the
+    ``control`` client), so the next ``XREAD`` includes it at once.
+    """
+
+    def __init__(self, blocking: aioredis.Redis, control: aioredis.Redis) -> None:
+        self.blocking = blocking
+        self.control = control
+        self._reads: dict[str, _Read] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._client_id: int | None = None
+        self._blocking_on: set[str] | None = None
+        self._blocking_until = 0.0
+
+    async def read(self, key: str, last_id: str, block_s: float) -> StreamItems:
+        """The entries of ``key`` after ``last_id``; empty after ``block_s`` without any."""
+        loop = asyncio.get_running_loop()
+        pending = _Read(last_id, loop.time() + block_s, loop.create_future())
+        self._reads[key] = pending
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="live-text-reader")
+        self._wake.set()
+        blocking_on, client_id = self._blocking_on, self._client_id
+        stale = blocking_on is not None and (key not in blocking_on or pending.deadline < self._blocking_until)
+        if stale and client_id is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self.control.client_unblock(client_id)
+        try:
+            return await pending.result
+        finally:
+            if self._reads.get(key) is pending:
+                del self._reads[key]
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for key, pending in list(self._reads.items()):
+                if pending.result.done():
+                    del self._reads[key]
+                elif pending.deadline <= loop.time():
+                    pending.result.set_result([])
+                    del self._reads[key]
+            if not self._reads:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            streams = {key: pending.last_id for key, pending in self._reads.items()}
+            until = min(pending.deadline for pending in self._reads.values())
+            try:
+                if self._client_id is None:
+                    self._client_id = int(await self.blocking.client_id())
+                self._blocking_on, self._blocking_until = set(streams), until
+                reply = cast(
+                    "list[tuple[Any, StreamItems]] | None",
+                    await self.blocking.xread(
+                        streams,  # type: ignore[arg-type]
+                        count=1000,
+                        block=max(1, int((until - loop.time()) * 1000)),
+                    ),
+                )
+            except (RedisError, OSError) as exc:
+                self._client_id = None
+                for pending in self._reads.values():
+                    if not pending.result.done():
+                        pending.result.set_exception(exc)
+                self._reads.clear()
+                continue
+            finally:
+                self._blocking_on = None
+            for raw_key, items in reply or []:
+                key = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+                answered = self._reads.pop(key, None)
+                if answered is not None and not answered.result.done():
+                    answered.result.set_result(items)
+            # Let the feeds that just got entries ask again before the next XREAD starts.
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        """Stop reading."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class FeedHub:
+    """The feeds of one web process: one per job being watched, shared by its listeners.
+
+    All feeds read their Redis Streams through one ``StreamReader`` (one connection that blocks).
+    """
+
+    def __init__(self, redis_url: str | None, *, idle_s: float = 1.0, poll_s: float = 0.5) -> None:
+        self.reader: StreamReader | None = None
+        self._clients: list[aioredis.Redis] = []
+        if redis_url:
+            options: dict[str, Any] = {"socket_connect_timeout": 2, "health_check_interval": 30}
+            # No silent reconnect on the blocking connection: its client id must stay the one CLIENT UNBLOCK names.
+            blocking = aioredis.Redis.from_url(
+                redis_url, single_connection_client=True, retry=Retry(NoBackoff(), 0), **options
+            )
+            control = aioredis.Redis.from_url(redis_url, **options)
+            self._clients = [blocking, control]
+            self.reader = StreamReader(blocking, control)
         self.idle_s = idle_s
         self.poll_s = poll_s
         self._feeds: dict[str, JobFeed] = {}
@@ -215,7 +325,7 @@ class FeedHub:
         """The job's feed, started on first use and stopped when its last listener leaves."""
         feed = self._feeds.get(job_id)
         if feed is None or feed.closed:
-            feed = JobFeed(job_id, load, self.redis, idle_s=self.idle_s, poll_s=self.poll_s)
+            feed = JobFeed(job_id, load, self.reader, idle_s=self.idle_s, poll_s=self.poll_s)
             feed.task = asyncio.create_task(feed.run(), name=f"feed-{job_id}")
             self._feeds[job_id] = feed
         feed.listeners += 1
@@ -234,8 +344,10 @@ class FeedHub:
             if feed.task is not None:
                 feed.task.cancel()
         self._feeds.clear()
-        if self.redis is not None:
-            await self.redis.aclose()
+        if self.reader is not None:
+            await self.reader.close()
+        for client in self._clients:
+            await client.aclose()
 
 
 @dataclass

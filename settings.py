@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    broker_url: SecretStr | None = None
+    """The message broker when it is not Redis: ``amqp://user:password@host:5672/vhost`` makes it RabbitMQ
+    (durable queues, publisher confirms); unset, the broker is the Redis at ``REDIS_URL``. Throttle, lanes,
+    cancel signals and live text stay on ``REDIS_URL`` either way."""
     database_url: str = "sqlite:///./llm_jobs.db"
     llm_provider: ProviderName = ProviderName.OPENROUTER
 
@@ -153,6 +157,13 @@ class Settings(BaseSettings):
     def _database_is_supported(cls, value: str) -> str:
         if not value.startswith(("sqlite", "postgresql")):
             raise ValueError("must be a sqlite:// or postgresql+psycopg:// SQLAlchemy URL")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps:// (unset: the broker is the Redis at REDIS_URL)")
         return value
 
     @field_validator("redis_url")

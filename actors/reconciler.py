@@ -37,6 +37,7 @@ import redis
 from dramatiq.common import dq_name
 
 from middleware.limiters import RedisLeaseStore
+from middleware.rabbitmq import is_rabbitmq
 from repositories.store import Job, JobKind, JobStatus, JobStore, utcnow
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,8 @@ class Reconciler:
         namespace = getattr(self.broker, "namespace", "dramatiq")
         queues = {self.broker.get_actor(name).queue_name for name in JOB_ACTORS.values()}
         keys = [f"{namespace}:{name}.msgs" for queue in sorted(queues) for name in (queue, dq_name(queue))]
+        if is_rabbitmq(self.broker):
+            keys = []  # RabbitMQ's queues cannot be read without consuming them: only Redis's side is seen
         args = ["", "", ""]
         if self.leases is not None:
             args = [self.leases.parked_keys_key, self.leases.parked_prefix, self.leases.handoffs_key]
@@ -143,6 +146,10 @@ class Reconciler:
             return StuckJobs([], [])
         live = self.live_job_ids()
         lost = [job for job in candidates if job.job_id not in live]
+        if is_rabbitmq(self.broker):
+            # What RabbitMQ holds is invisible here, and it loses nothing it confirmed: it keeps queued messages
+            # on disk and redelivers a dead consumer's unacked ones. Only a job never sent is known to be lost.
+            lost = [job for job in lost if job.status is JobStatus.PENDING and job.enqueued_at is None]
         return StuckJobs(
             processing=[job for job in lost if job.status is JobStatus.PROCESSING],
             pending=[job for job in lost if job.status is JobStatus.PENDING],

@@ -36,6 +36,7 @@ from middleware.graceful_shutdown import GracefulShutdown
 from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
 from middleware.log_format import LogFormat
 from middleware.metrics import JobMetrics
+from middleware.rabbitmq import RabbitmqJobBroker, rabbitmq_broker
 from middleware.startup import ConfigurationCheck
 from middleware.throttle import UserThrottle
 from middleware.worker_tuning import WakingRedisBroker, WorkerTuning
@@ -57,8 +58,9 @@ MAINTENANCE_CHANCE = 100_000
 
 def build_broker(
     settings: Settings, metrics: JobMetrics | None = None, lanes: LaneGate | None = None
-) -> WakingRedisBroker:
-    """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages."""
+) -> WakingRedisBroker | RabbitmqJobBroker:
+    """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages, or
+    with ``BROKER_URL=amqp://...`` a RabbitMQ broker with the same middleware (``middleware.rabbitmq``)."""
     client = redis_client(settings)
     middleware: list[dramatiq.Middleware] = [
         # Before anything reads message.kwargs: a call the actor cannot take is dead-lettered, never retried.
@@ -100,6 +102,8 @@ def build_broker(
         # Dramatiq runs after_* hooks in reverse order: Prometheus must switch prometheus_client to
         # multiprocess mode at process boot before JobMetrics creates its metrics.
         middleware += [metrics, Prometheus()]
+    if settings.broker_url is not None:
+        return rabbitmq_broker(settings.broker_url.get_secret_value(), client, middleware)
     return WakingRedisBroker(
         client=redis_client(settings),
         middleware=middleware,

@@ -123,3 +123,27 @@ def bare_env(redis_url: str, **extra: str) -> dict[str, str]:
 def cpu_ms_per(meter: TreeMeter, count: int) -> float:
     """CPU milliseconds per item over the meter's span."""
     return meter.cpu_s * 1000 / count if count else float("nan")
+
+
+BROKERS = ("redis", "rabbitmq")
+
+
+@contextlib.contextmanager
+def message_broker(kind: str, redis_url: str) -> Iterator[dict[str, str]]:
+    """The worker environment for broker ``kind``; with ``rabbitmq`` this process's actors send to RabbitMQ
+    (a virtual host of the run's own, ``BROKER_URL``) for the duration, Redis keeping everything else."""
+    if kind == "redis":
+        yield {}
+        return
+    from actors.wiring import build_broker
+    from settings import Settings
+    from tests.integration.rabbitmq import own_vhost, point_actors_at
+
+    with own_vhost() as url:
+        broker = build_broker(Settings(redis_url=redis_url, broker_url=url))
+        previous = point_actors_at(broker)
+        try:
+            yield {"BROKER_URL": url}
+        finally:
+            point_actors_at(previous)
+            broker.close()

@@ -30,9 +30,11 @@ from pathlib import Path
 
 from bench.scale_support import (
     BENCH_REDIS_URL,
+    BROKERS,
     TreeMeter,
     bare_env,
     fresh_postgres,
+    message_broker,
     project_env,
 )
 from bench.sse_server import StreamingServer
@@ -122,8 +124,9 @@ def run_project(
     chunks: int,
     delay_s: float,
     workdir: Path,
+    broker_env: dict[str, str],
 ) -> RunFigures:
-    """This project's worker on ``database_url``."""
+    """This project's worker on ``database_url`` (with ``broker_env``: on RabbitMQ)."""
     from actors import enqueue_generation, runtime
     from actors.wiring import actor_options, build_runtime
     from repositories.store import FINAL_STATUSES, JobRow, JobStatus
@@ -139,7 +142,7 @@ def run_project(
     step = max(1, jobs // samples)
     sampled = job_ids[::step][:samples]
     with StreamingServer(chunks=chunks, chunk_delay_s=delay_s) as server:
-        env = project_env(BENCH_REDIS_URL, database_url, server.base_url)
+        env = project_env(BENCH_REDIS_URL, database_url, server.base_url, **broker_env)
         worker = WorkerProcess(env, workdir / f"worker-{store_name}.log", threads=threads).start(timeout=180)
         assert worker.process is not None
         meter = TreeMeter(worker.process.pid).start()
@@ -172,7 +175,7 @@ def run_project(
     store.engine.dispose()
     _flush(BENCH_REDIS_URL)
     return RunFigures(
-        name=f"this project, {store_name}",
+        name=f"this project, {store_name}" + (", RabbitMQ" if broker_env else ""),
         jobs=jobs,
         completed=len(completed),
         makespan_s=makespan,
@@ -285,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=30)
     parser.add_argument("--chunk-delay-s", type=float, default=1.0)
     parser.add_argument("--stores", default="sqlite,postgresql")
+    parser.add_argument("--broker", choices=BROKERS, default="redis", help="this project's broker (BROKER_URL)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the bare-Dramatiq run")
     args = parser.parse_args(argv)
     stores = [name.strip() for name in args.stores.split(",") if name.strip()]
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[RunFigures] = []
     with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
         for store_name in stores:
-            with database_for(store_name, Path(tmp)) as url:
+            with database_for(store_name, Path(tmp)) as url, message_broker(args.broker, BENCH_REDIS_URL) as extra:
                 results.append(
                     run_project(
                         store_name,
@@ -306,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                         chunks=args.chunks,
                         delay_s=args.chunk_delay_s,
                         workdir=Path(tmp),
+                        broker_env=extra,
                     )
                 )
         if not args.no_baseline:

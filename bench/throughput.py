@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.cancel import percentile
-from bench.scale_support import BENCH_REDIS_URL, TreeMeter, bare_env, cpu_ms_per, fresh_postgres, project_env
+from bench.scale_support import (
+    BENCH_REDIS_URL,
+    BROKERS,
+    TreeMeter,
+    bare_env,
+    cpu_ms_per,
+    fresh_postgres,
+    message_broker,
+    project_env,
+)
 from bench.sse_server import StreamingServer
 
 ENQUEUE_SAMPLES = 200
@@ -85,8 +94,10 @@ def enqueue_costs(store: Any, run: str) -> tuple[list[float], list[float]]:
     return send_ms, insert_ms
 
 
-def run_project(store_name: str, database_url: str, *, jobs: int, threads: int, workdir: Path) -> ThroughputFigures:
-    """This project's worker draining ``jobs`` queued generations."""
+def run_project(
+    store_name: str, database_url: str, *, jobs: int, threads: int, workdir: Path, broker_env: dict[str, str]
+) -> ThroughputFigures:
+    """This project's worker draining ``jobs`` queued generations (with ``broker_env``: on RabbitMQ)."""
     from sqlalchemy import func, select
 
     from actors import enqueue_generation, runtime
@@ -107,7 +118,7 @@ def run_project(store_name: str, database_url: str, *, jobs: int, threads: int, 
         enqueue_ms.append(_timed(lambda k=key, p=params: enqueue_generation(user_id=f"{k}-u", params=p, job_id=k)))
     completed_count = select(func.count()).select_from(JobRow).where(JobRow.status == str(JobStatus.COMPLETED))
     with StreamingServer(chunks=3) as server:
-        env = project_env(BENCH_REDIS_URL, database_url, server.base_url)
+        env = project_env(BENCH_REDIS_URL, database_url, server.base_url, **broker_env)
         worker = WorkerProcess(env, workdir / f"worker-{store_name}.log", threads=threads)
         worker.start(timeout=180)
         assert worker.process is not None
@@ -131,7 +142,7 @@ def run_project(store_name: str, database_url: str, *, jobs: int, threads: int, 
     _flush(BENCH_REDIS_URL)
     store.engine.dispose()
     return ThroughputFigures(
-        name=f"this project, {store_name}",
+        name=f"this project, {store_name}" + (", RabbitMQ" if broker_env else ""),
         jobs=jobs,
         completed=len(finished),
         jobs_per_s=jobs / span,
@@ -200,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--stores", default="sqlite,postgresql")
+    parser.add_argument("--broker", choices=BROKERS, default="redis", help="this project's broker (BROKER_URL)")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args(argv)
     stores = [name.strip() for name in args.stores.split(",") if name.strip()]
@@ -210,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     results: list[ThroughputFigures] = []
     with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
         for store_name in stores:
-            with database_for(store_name, Path(tmp)) as url:
-                results.append(run_project(store_name, url, jobs=args.jobs, threads=args.threads, workdir=Path(tmp)))
+            with database_for(store_name, Path(tmp)) as url, message_broker(args.broker, BENCH_REDIS_URL) as extra:
+                results.append(
+                    run_project(
+                        store_name, url, jobs=args.jobs, threads=args.threads, workdir=Path(tmp), broker_env=extra
+                    )
+                )
         if not args.no_baseline:
             for actor_name, label in (
                 ("bare_stream_async", "bare Dramatiq, async httpx"),

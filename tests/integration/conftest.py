@@ -1,5 +1,8 @@
 """Integration fixtures: a real ``dramatiq actors`` worker process, real Redis, SQLite and PostgreSQL,
-and a loopback server that speaks OpenRouter's wire protocol."""
+and a loopback server that speaks OpenRouter's wire protocol.
+
+The behaviour tests of ``BOTH_BROKERS`` (retries, throttle, cancel, worker kill, shutdown hand-back) also
+run with RabbitMQ as the broker (``BROKER_URL``), on PostgreSQL, in a virtual host of their own."""
 
 from __future__ import annotations
 
@@ -9,11 +12,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import dramatiq
 import pytest
 
 import actors
 from actors import runtime
 from actors.wiring import actor_options, build_runtime
+from middleware.rabbitmq import is_rabbitmq
 from repositories.store import Job, JobStatus, JobStore
 from settings import Settings
 from tests.conftest import database_url_for
@@ -25,6 +30,8 @@ from tests.harness import (
     wait_until,
     wait_until_no_message_for,
 )
+from tests.integration.message_ledger import wait_until_no_ledgered_message_for
+from tests.integration.rabbitmq import own_vhost, point_actors_at, rabbitmq_broker_in_tests
 from tests.loopback.openrouter import OpenRouterServer
 
 __all__ = ["PROJECT_ROOT", "READY_LINE", "Stack", "WorkerProcess", "WorkerSlot", "params", "wait_until"]
@@ -45,6 +52,8 @@ class Stack:
     server: OpenRouterServer
     worker: WorkerProcess
     env: dict[str, str]
+    broker: str = "redis"
+    """``redis`` or ``rabbitmq``: the message broker (throttle, lanes and signals are on Redis either way)."""
 
     def wait_for_status(self, job_id: str, *statuses: JobStatus, timeout: float = 20.0) -> Job:
         """Wait until the job reaches one of ``statuses`` (any final status when none are given)."""
@@ -52,8 +61,11 @@ class Stack:
         return job
 
     def wait_until_no_message_for(self, job_id: str, *, timeout: float = 20.0) -> None:
-        """Wait until no message about ``job_id`` is queued, delayed or unacked in Redis (dead letters are done)."""
-        wait_until_no_message_for(actors.broker.client, job_id, timeout=timeout)
+        """Wait until no message about ``job_id`` is queued, delayed or unacked (dead letters are done)."""
+        if self.broker == "rabbitmq":
+            wait_until_no_ledgered_message_for(actors.broker.client, job_id, timeout=timeout)
+        else:
+            wait_until_no_message_for(actors.broker.client, job_id, timeout=timeout)
 
     @contextlib.contextmanager
     def other_workers(
@@ -66,7 +78,7 @@ class Stack:
         """
         self.worker.stop()
         if fresh_queues:
-            actors.broker.client.flushdb()
+            flush_broker()
         workers: list[WorkerProcess] = []
         try:
             for index in range(count):
@@ -79,7 +91,16 @@ class Stack:
 
     def new_worker(self, name: str, **env: str) -> WorkerProcess:
         """Another worker on the same stack (not started), with extra environment."""
-        return WorkerProcess({**self.env, **env}, self.worker.log_path.with_name(f"{name}.log"))
+        return WorkerProcess(
+            {**self.env, **env}, self.worker.log_path.with_name(f"{name}.log"), actors_module=self.worker.actors_module
+        )
+
+
+def flush_broker() -> None:
+    """Drop every message (and the throttle's, lanes' and ledger's state in Redis) of the test broker."""
+    actors.broker.client.flushdb()
+    if is_rabbitmq(actors.broker):
+        actors.broker.flush_all()
 
 
 def worker_env(database_url: str, server: OpenRouterServer, **extra: str) -> dict[str, str]:
@@ -104,6 +125,7 @@ class WorkerSlot:
 
     def __init__(self) -> None:
         self.holder: Stack | None = None
+        self.redis_broker: dramatiq.Broker = actors.broker
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -113,10 +135,15 @@ class WorkerSlot:
             yield
             return
         holder.worker.stop()
+        # Whoever needs the queues expects the Redis broker the test process imported.
+        rabbitmq = point_actors_at(self.redis_broker) if is_rabbitmq(actors.broker) else None
         try:
             yield
         finally:
-            actors.broker.client.flushdb()
+            flush_broker()
+            if rabbitmq is not None:
+                point_actors_at(rabbitmq)
+                flush_broker()
             settings = Settings(database_url=holder.database_url)
             runtime.configure(lambda: build_runtime(settings), actor_options(settings))
             holder.store = runtime.current().store
@@ -136,26 +163,53 @@ def openrouter() -> Iterator[OpenRouterServer]:
         yield server
 
 
-@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+#: Modules whose tests also run with RabbitMQ as the broker (``pytest_generate_tests``).
+BOTH_BROKERS = {"test_retries", "test_throttle", "test_cancellation", "test_worker_crash"}
+#: Stack parameters: a store on the Redis broker, or ``rabbitmq-<store>``.
+REDIS_STACKS = ["sqlite", "postgresql"]
+BOTH_BROKER_STACKS = [*REDIS_STACKS, "rabbitmq-postgresql"]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the ``BOTH_BROKERS`` modules' stack tests on RabbitMQ too (PostgreSQL only: the production pair).
+
+    As a mark, added before pytest reads the marks, so that it replaces the fixture's own params."""
+    if "stack" in metafunc.fixturenames and metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_BROKERS:
+        metafunc.definition.add_marker(
+            pytest.mark.parametrize("stack", BOTH_BROKER_STACKS, indirect=True, scope="session")
+        )
+
+
+@pytest.fixture(scope="session", params=REDIS_STACKS)
 def stack(
     request: pytest.FixtureRequest,
     openrouter: OpenRouterServer,
     tmp_path_factory: pytest.TempPathFactory,
     worker_slot: WorkerSlot,
 ) -> Iterator[Stack]:
-    """A worker process with the store on SQLite, then on PostgreSQL; the test process shares the store."""
-    backend = request.param
-    database_url = database_url_for(request, backend)
-    actors.broker.client.flushdb()
-    settings = Settings(database_url=database_url)
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
-    store = runtime.current().store
-    env = worker_env(database_url, openrouter)
-    worker = WorkerProcess(env, tmp_path_factory.mktemp(f"worker-{backend}") / "worker.log").start()
-    running = Stack(backend, database_url, store, openrouter, worker, env)
-    worker_slot.holder = running
-    yield running
-    worker_slot.holder = None
-    worker.stop()
-    actors.broker.client.flushdb()
-    store.engine.dispose()
+    """A worker process with the store on SQLite, then on PostgreSQL (and for ``BOTH_BROKERS``, RabbitMQ as the
+    broker with PostgreSQL); the test process shares the store and the broker."""
+    broker, _, backend = str(request.param).rpartition("-")
+    with contextlib.ExitStack() as resources:
+        extra: dict[str, str] = {}
+        settings = Settings(database_url=database_url_for(request, backend))
+        actors_module = "actors"
+        if broker == "rabbitmq":
+            extra["BROKER_URL"] = resources.enter_context(own_vhost())
+            settings = Settings(database_url=settings.database_url, broker_url=extra["BROKER_URL"])
+            resources.enter_context(rabbitmq_broker_in_tests(settings))
+            actors_module = "tests.integration.ledger_actors"
+        flush_broker()
+        runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+        store = runtime.current().store
+        env = worker_env(settings.database_url, openrouter, **extra)
+        log_path = tmp_path_factory.mktemp(f"worker-{request.param}") / "worker.log"
+        worker = WorkerProcess(env, log_path, actors_module=actors_module).start()
+        running = Stack(backend, settings.database_url, store, openrouter, worker, env, broker=broker or "redis")
+        worker_slot.holder = running
+        yield running
+        worker_slot.holder = None
+        worker.stop()
+        flush_broker()
+        store.engine.dispose()

@@ -28,6 +28,7 @@ from middleware.metrics import JobObserver
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
 from repositories.live_text import LiveText
+from repositories.sql_deadline import StoreUnavailable
 from repositories.store import Job, JobKind, JobStatus, JobStore, is_store_outage, utcnow
 
 if TYPE_CHECKING:
@@ -50,10 +51,6 @@ class JobFailed(Exception):
 
 class InvalidPayload(Exception):
     """The message payload was invalid; the job (if identifiable) was marked failed; never retried."""
-
-
-class StoreUnavailable(Exception):
-    """The job store stayed unreachable longer than the runner waits for it; the message goes back to the queue."""
 
 
 #: How long a delivery that found the store unreachable waits in the delay queue before it tries again, in ms.
@@ -228,7 +225,7 @@ class JobRunner:
         try:
             yield
         except Exception as error:
-            if not (is_store_outage(error) or isinstance(error, StoreUnavailable)) or delivery.requeue_later is None:
+            if not is_store_outage(error) or delivery.requeue_later is None:
                 raise
             logger.warning(
                 "job store unreachable (%s): the message waits %d ms and tries again, without using a retry",

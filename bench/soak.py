@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -62,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:  # one scenario, read top to bot
     database_url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     pg = make_url(database_url)
     status = 1
-    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, TcpProxy(pg.host or "", pg.port or 5432) as proxy:
-        workdir = Path(tmp)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-soak-"))
+    with TcpProxy(pg.host or "", pg.port or 5432) as proxy:
         engine = create_store_engine(database_url)
         upgrade_database(engine)
         provider = OpenRouterServer().start()
@@ -181,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:  # one scenario, read top to bot
             print(f"| wall time | {recovered - started:.0f} s | |")
             if not remaining and peak <= args.limit and leaks == 0 and final == args.jobs:
                 status = 0
+            else:
+                print(f"\nlogs kept in {workdir}; proxy connections open now: {proxy.connection_count()}")
         finally:
             stack.close()
             provider.stop()
             engine.dispose()
+            if status == 0:
+                shutil.rmtree(workdir, ignore_errors=True)
             with admin.connect() as connection:
                 connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             admin.dispose()

@@ -31,12 +31,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from repositories.redaction import redact
-from repositories.sql_deadline import StatementDeadline
+from repositories.sql_deadline import StatementDeadline, store_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def is_store_outage(error: BaseException) -> bool:
     Connection refused or lost, a pool or statement timeout, a database being restarted: the job waits
     for the store to come back; it never spends a provider retry on it.
     """
-    if isinstance(error, DBAPIError) and error.connection_invalidated:
+    if isinstance(error, Exception) and store_unavailable(error) is not None:
         return True
     return isinstance(error, OperationalError | InterfaceError | PoolTimeoutError | DisconnectionError)
 

@@ -22,6 +22,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from typing import Literal
 
 from sqlalchemy.engine import make_url
@@ -195,11 +196,17 @@ class TcpProxy:
             try:
                 client, _ = listener.accept()
             except OSError:
-                return
+                with self._lock:
+                    closed = self._listener is not listener
+                if closed or self._stopped.is_set():
+                    return
+                time.sleep(0.01)  # a client that gave up in the backlog (ECONNABORTED), say: the proxy goes on
+                continue
             pipe = _Pipe(self, client)
             with self._lock:
                 self._pipes.add(pipe)
-            pipe.start()
+            # Connecting upstream in the pipe's own thread: one slow upstream connect never stalls the accepts.
+            threading.Thread(target=pipe.start, name="tcp-proxy-pipe", daemon=True).start()
 
     def _live_pipes(self) -> list[_Pipe]:
         with self._lock:

@@ -495,7 +495,11 @@ class JobRunner:
         progress = progress if progress is not None else _Progress()
 
         async def pump() -> Finished:
+            answering = self.lanes is not None
             async for event in provider.stream(request):
+                if answering and self.lanes is not None:
+                    answering = False
+                    self.lanes.answering(delivery.token)
                 if isinstance(event, TextDelta):
                     progress.pieces.append(event.text)
                     self.live_text.append(job.job_id, job.attempts, event.text)

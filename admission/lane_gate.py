@@ -5,8 +5,9 @@ and acked (``SkipMessage``), exactly as the per-user throttle parks: it holds no
 no retry. Freed capacity goes to the lines round-robin across users, handed to the parked message
 itself (which is enqueued again already holding its slot), so a heavy user cannot take a whole account.
 
-The job runner calls three hooks on the same object: ``lane_closed`` right before it sends (a pause that
-began after admission keeps the request in), ``rate_limited`` on a 429/529 (the lane pauses for every
+The job runner calls four hooks on the same object: ``lane_closed`` right before it sends (a pause that
+began after admission keeps the request in), ``answering`` at the answer's first byte (the request counts
+in the window from then), ``rate_limited`` on a 429/529 (the lane pauses for every
 worker and the job waits in line again, no retry spent) and ``used`` with the tokens really used.
 """
 
@@ -52,7 +53,8 @@ class LaneWait:
 class _Held:
     lane: Lane
     ticket: LaneTicket
-    settle: int = KEEP_RESERVATION
+    settle: int = NOT_SENT
+    """What the release settles to: nothing was sent until the runner says it sends (``lane_closed``)."""
 
 
 def _clock(moment_ms: int) -> str:
@@ -228,10 +230,21 @@ class LaneGate(dramatiq.Middleware):
             return None
         until = self.store.sending(held.lane, token, lease_ms=self.lease_ms)
         if until == 0:
+            held.settle = KEEP_RESERVATION
             return None
-        held.settle = NOT_SENT
         note = f"waiting for {held.lane.provider}: paused until {_clock(until)} after a 429"
         return LaneWait(note, until)
+
+    def answering(self, token: str) -> None:
+        """The first byte of this delivery's answer arrived: its request counts in its lane's window from now."""
+        with self._lock:
+            held = self._held.get(token)
+        if held is None:
+            return
+        try:
+            self.store.answering(held.lane, token, lease_ms=self.lease_ms)
+        except Exception as exc:  # the stamp at sending stands; the stream must not fail for it
+            logger.warning("could not re-stamp a lane request (%s)", type(exc).__name__)
 
     def rate_limited(self, token: str, *, status: int | None, retry_after_s: float | None) -> LaneWait | None:
         """Pause this delivery's lane after a 429/529 (for every worker); the wait, or None when no lane admitted it."""

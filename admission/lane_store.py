@@ -6,8 +6,9 @@ Per lane (prefix ``llm-lanes:``, lane id after the last colon):
   renewing (its worker was SIGKILLed) drops out when its lease expires, and its token reservation is
   settled down to its prompt estimate (the answer it reserved may never have been generated).
 - ``ev`` / ``evtok`` / ``sum``: every request admitted in the sliding window (ticket -> when it was sent:
-  admission time, re-stamped right before the request leaves, so the window slides as the provider's
-  does), its tokens (``reserved,prompt``) and their running total; a request is settled to its real usage.
+  admission time, re-stamped right before the request leaves and again when its answer's first byte
+  arrives, so the window never slides ahead of the provider's), its tokens (``reserved,prompt``) and
+  their running total; a request is settled to its real usage.
 - ``state`` (hash): ``until`` (paused until, ms), ``probing`` (1 after a pause: one probe goes first),
   ``probe`` (its holder), ``level`` (consecutive pauses without ``Retry-After``), ``reason``, counters.
 - ``rr`` (list): the users with waiting messages, in round-robin order; ``parked:<lane>|<user>`` the
@@ -257,10 +258,10 @@ return paused_until
 _SENDING = (
     _COMMON
     + """
-local holder = ARGV[9]
+local holder, answering = ARGV[9], ARGV[10] == '1'
 local paused_until = tonumber(redis.call('hget', st, 'until') or '0')
 local probe = redis.call('hget', st, 'probe') or ''
-if now < paused_until and probe ~= holder then return paused_until end
+if not answering and now < paused_until and probe ~= holder then return paused_until end
 local t = redis.call('hget', res, holder)
 if t and redis.call('zscore', ev, t) then redis.call('zadd', ev, now, t) end
 return 0
@@ -453,7 +454,15 @@ class RedisLaneStore:
     def sending(self, lane: Lane, holder: str, *, lease_ms: int) -> int:
         """Right before ``holder``'s request leaves: 0 and its window entry re-stamped to now, or, when the
         lane was paused meanwhile (and ``holder`` is not its probe), when the pause ends (ms)."""
-        return int(cast(int, self._sending(args=[*self._args(lane, lease_ms), holder])))
+        return int(cast(int, self._sending(args=[*self._args(lane, lease_ms), holder, 0])))
+
+    def answering(self, lane: Lane, holder: str, *, lease_ms: int) -> None:
+        """The first byte of ``holder``'s answer arrived: its request counts in the window from now.
+
+        The provider has surely counted it by then, so a slow start (a new connection, a loaded machine)
+        never lets the lane's window forget a request that the provider's window still holds.
+        """
+        self._sending(args=[*self._args(lane, lease_ms), holder, 1])
 
     def paused_until(self, lane: Lane) -> tuple[int, str]:
         """When the lane's pause ends (ms since the epoch, 0: never paused) and who probes it (holder or '')."""

@@ -148,9 +148,9 @@ def run_mode(mode: str, *, jobs: list[tuple[str, str, dict[str, Any]]], workdir:
         first_ok.setdefault(job_id, request.received_at)
     light_waits = [first_ok[j] - enqueued[j] for j in enqueued if j.startswith("light") and j in first_ok]
     completed = sum(1 for job in rows if job.status is JobStatus.COMPLETED)
-    by_requests = completed / QUOTA_REQUESTS
-    by_tokens = tokens_served / QUOTA_TOKENS
-    windows = max(by_requests, by_tokens)
+    # The workload's ideal: every job once at the quota's rate; the share counts the work done (completed jobs).
+    windows = max(len(jobs) / QUOTA_REQUESTS, tokens_served / QUOTA_TOKENS)
+    done_windows = max(completed / QUOTA_REQUESTS, tokens_served / QUOTA_TOKENS)
     return {
         "rate_limited": rate_limited,
         "episodes": episodes,
@@ -162,7 +162,8 @@ def run_mode(mode: str, *, jobs: list[tuple[str, str, dict[str, Any]]], workdir:
         "makespan": makespan,
         "ideal": windows * WINDOW_S,
         "ideal_burst": (windows - 1) * WINDOW_S,
-        "bound": "tokens" if by_tokens >= by_requests else "requests",
+        "bound": "tokens" if tokens_served / QUOTA_TOKENS >= len(jobs) / QUOTA_REQUESTS else "requests",
+        "share": done_windows * WINDOW_S / makespan,
         "light_p50": percentile(light_waits, 0.5) if light_waits else float("nan"),
         "light_p95": percentile(light_waits, 0.95) if light_waits else float("nan"),
         "load": f"{load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}",
@@ -197,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         ("requests sent (incl. 429s)", "{requests}"),
         ("tokens served (prompt + generated)", "{tokens}"),
         ("makespan (s)", "{makespan:.1f}"),
-        ("ideal at the quota's rate (s), bound by", "{ideal:.1f} ({bound})"),
+        ("ideal: every job at the quota's rate (s), bound by", "{ideal:.1f} ({bound})"),
         ("makespan / ideal", "{ratio:.3f}"),
-        ("throughput, share of the quota", "{share:.1%}"),
+        ("throughput of completed work, share of the quota", "{share:.1%}"),
         ("sliding-window lower bound, one burst window less (s)", "{ideal_burst:.1f}"),
         ("light users' wait to first request, p50 (s)", "{light_p50:.1f}"),
         ("light users' wait to first request, p95 (s)", "{light_p95:.1f}"),
@@ -207,7 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for result in ordered:
         result["ratio"] = result["makespan"] / result["ideal"]
-        result["share"] = result["ideal"] / result["makespan"] if result["failed"] == 0 else float("nan")
     for label, template in rows:
         print(f"| {label} | {' | '.join(template.format(**r) for r in ordered)} |")
     return 0

@@ -8,8 +8,10 @@ from __future__ import annotations
 from dramatiq.brokers.redis import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_MAINTENANCE_CHANCE
 
 import actors
-from middleware.worker_tuning import WorkerTuning
+from middleware.worker_tuning import WakingRedisBroker, WorkerTuning
 
+if not isinstance(actors.broker, WakingRedisBroker):
+    raise SystemExit("bench/recovery.py measures the Redis broker: unset BROKER_URL")
 actors.broker.heartbeat_timeout = DEFAULT_HEARTBEAT_TIMEOUT
 actors.broker.maintenance_chance = DEFAULT_MAINTENANCE_CHANCE
 for _middleware in actors.broker.middleware:

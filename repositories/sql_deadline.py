@@ -76,6 +76,8 @@ class StatementDeadline:
             ("do_ping", _first_argument),
         ):
             original = getattr(dialect, name)
+            if name == "do_ping":
+                original = _closing_on_failure(original)
             setattr(dialect, name, self._guarded(original, connection_of))
 
     def _guarded(self, call: Callable[..., T], connection_of: Callable[[tuple[Any, ...]], Any]) -> Callable[..., T]:
@@ -162,6 +164,26 @@ def store_unavailable(exc: Exception) -> StoreUnavailable | None:
         return None
     first_line = next((line.strip() for line in text.splitlines() if line.strip()), type(orig).__name__)
     return StoreUnavailable(f"job store unavailable: {redact(first_line)[:300]}")
+
+
+def _closing_on_failure(ping: Callable[[Any], T]) -> Callable[[Any], T]:
+    """``ping`` that closes its connection when it fails, so the pool's pre-ping sees a disconnect.
+
+    A socket closed under a ping can leave psycopg mid-statement: restoring autocommit then raises a
+    ``ProgrammingError`` on a connection not yet marked broken, which SQLAlchemy would not count as a
+    disconnect and would raise instead of reconnecting. A closed connection always counts.
+    """
+
+    @functools.wraps(ping)
+    def closing(dbapi_connection: Any) -> T:
+        try:
+            return ping(dbapi_connection)
+        except Exception:
+            with contextlib.suppress(Exception):
+                dbapi_connection.close()
+            raise
+
+    return closing
 
 
 def _cursor_connection(args: tuple[Any, ...]) -> Any:

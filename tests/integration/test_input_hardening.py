@@ -107,7 +107,7 @@ def test_another_users_job_id_gets_the_answer_an_unknown_id_gets(api: Runtime) -
     job = api.store.get(job_id)
     assert job is not None
     assert job.user_id == "u1"
-    assert job.status == "pending"
+    assert job.status != "cancelled"  # a worker may have started it meanwhile
 
 
 def test_llm_jobs_cancel_says_the_same_for_another_users_job_as_for_an_unknown_one(

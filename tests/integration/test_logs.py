@@ -7,7 +7,7 @@ import json
 from actors import enqueue_generation
 from repositories.store import JobStatus
 from tests.conftest import unique
-from tests.integration.conftest import Stack, params
+from tests.integration.conftest import Stack, params, wait_until
 from tests.loopback.openrouter import Reply
 
 
@@ -18,7 +18,12 @@ def test_json_logs_carry_the_job_ids_on_every_job_line(stack: Stack) -> None:
         assert stack.wait_for_status(enqueue_generation(user_id="u7", params=params(key), job_id=key)).status is (
             JobStatus.COMPLETED
         )
-        log = worker.log()
+        # The row is final a moment before the worker logs its last line about it: wait for that line.
+        log = wait_until(
+            lambda: worker.log() if "attempt finished" in worker.log() else None,
+            timeout=10,
+            what="the attempt-finished line",
+        )
     records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     mine = [record for record in records if record.get("job_id") == key]
     messages = [record["message"] for record in mine]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import actors
 from scheduler import build_scheduler, send_cleanup
-from tests.integration.conftest import PROJECT_ROOT, wait_until
+from tests.integration.conftest import PROJECT_ROOT, WorkerSlot, wait_until
 
 
 def test_the_trigger_follows_the_crontab_expression() -> None:
@@ -28,15 +28,16 @@ def test_the_scheduler_also_sweeps_unsent_jobs_every_minute() -> None:
     assert job.trigger.interval.total_seconds() == 60
 
 
-def test_the_scheduled_job_enqueues_the_cleanup_message() -> None:
-    # Given an empty control queue
-    actors.broker.flush("llm_control")
-    # When the scheduled function fires
-    send_cleanup()
-    # Then one cleanup_old_jobs message waits in Redis
-    bodies = actors.broker.client.hvals("dramatiq:llm_control.msgs")
-    assert sum(b"cleanup_old_jobs" in body for body in bodies) == 1
-    actors.broker.flush("llm_control")
+def test_the_scheduled_job_enqueues_the_cleanup_message(worker_slot: WorkerSlot) -> None:
+    # Given an empty control queue, and no worker of another test to consume from it
+    with worker_slot.exclusive():
+        actors.broker.flush("llm_control")
+        # When the scheduled function fires
+        send_cleanup()
+        # Then one cleanup_old_jobs message waits in Redis
+        bodies = actors.broker.client.hvals("dramatiq:llm_control.msgs")
+        assert sum(b"cleanup_old_jobs" in body for body in bodies) == 1
+        actors.broker.flush("llm_control")
 
 
 def test_the_scheduler_logs_its_next_run_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from bench import cancel, providers, recovery, throttle
 
 #: Each binds this process's ``actors`` broker to a Redis of its own (``bench.idle`` starts one), which
 #: an ``actors`` imported earlier in this process would not follow: they run in a fresh interpreter.
-IN_OWN_PROCESS = ("bench.streams", "bench.idle", "bench.throughput")
+IN_OWN_PROCESS = ("bench.streams", "bench.idle", "bench.throughput", "bench.lanes", "bench.web")
 
 
 def main() -> int:

@@ -66,9 +66,13 @@ def configure(factory: Callable[[], Runtime], options: ActorOptions) -> None:
     """Set how the runtime is built; it is built lazily, so importing ``actors`` opens no connection."""
     global _factory, _runtime, _options
     with _lock:
+        replaced = _runtime
         _factory = factory
         _runtime = None
         _options = options
+    if replaced is not None:
+        # Its pooled connections would otherwise stay open until the garbage collector finds the engine.
+        replaced.store.engine.dispose()
 
 
 def options() -> ActorOptions:

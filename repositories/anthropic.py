@@ -123,7 +123,10 @@ class AnthropicProvider:
                         if event.delta.text:
                             yield TextDelta(event.delta.text)
                     elif event.type == "message_stop":
-                        message = event.message
+                        # The stream's own snapshot, not ``event.message``: the SDK builds that event from a
+                        # parametrized generic model, and in a fresh multi-threaded worker it was seen to come
+                        # out as the raw event without ``message`` (an AttributeError on the first job).
+                        message = stream.current_message_snapshot
                         finished = Finished(
                             model=message.model or request.model,
                             finish_reason=message.stop_reason,

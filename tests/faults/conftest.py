@@ -19,6 +19,11 @@ from tests.loopback.openrouter import OpenRouterServer
 MakeStack = Callable[..., FaultStack]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tier_services(services: None) -> None:
+    """Every test of this tier has real Redis and PostgreSQL."""
+
+
 @pytest.fixture(autouse=True)
 def collect_cut_connections() -> Iterator[None]:
     """After each fault test, collect the database connections its faults cut, here rather than in a later test.

@@ -37,6 +37,11 @@ from tests.loopback.openrouter import OpenRouterServer
 __all__ = ["PROJECT_ROOT", "READY_LINE", "Stack", "WorkerProcess", "WorkerSlot", "params", "wait_until"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tier_services(services: None) -> None:
+    """Every test of this tier has real Redis and PostgreSQL."""
+
+
 def params(key: str, **extra: Any) -> dict[str, Any]:
     """Generation params whose prompt routes the request to ``key``'s scripted replies on the loopback server."""
     return {"model": "test/model", "messages": [{"role": "user", "content": f"Say hello [[{key}]]"}], **extra}

@@ -26,7 +26,8 @@ def test_without_a_broker_url_the_broker_is_redis() -> None:
 
 def test_an_amqp_broker_url_gives_rabbitmq_with_confirms_the_same_throttle_and_no_redis_polling() -> None:
     # Given / When
-    broker = build_broker(Settings(_env_file=None, broker_url=RABBITMQ_URL))
+    redis_url = "redis://127.0.0.1:6390/3"  # never connected to: building a broker opens no connection
+    broker = build_broker(Settings(_env_file=None, broker_url=RABBITMQ_URL, redis_url=redis_url))
     try:
         # Then
         assert isinstance(broker, RabbitmqJobBroker)
@@ -35,8 +36,9 @@ def test_an_amqp_broker_url_gives_rabbitmq_with_confirms_the_same_throttle_and_n
         assert UserThrottle in kinds
         assert RabbitmqTuning in kinds
         assert WorkerTuning not in kinds  # its idle polling and Redis consumer recovery are Redis-only
-        # The throttle, lanes and signals keep their Redis.
-        assert broker.client.connection_pool.connection_kwargs["port"] == 6379
+        # The throttle, lanes and signals keep their Redis (REDIS_URL's).
+        assert broker.client.connection_pool.connection_kwargs["port"] == 6390
+        assert broker.client.connection_pool.connection_kwargs["db"] == 3
     finally:
         broker.client.close()
 

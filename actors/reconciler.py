@@ -36,7 +36,7 @@ import dramatiq
 import redis
 from dramatiq.common import dq_name
 
-from middleware.limiters import RedisLeaseStore
+from admission.leases import RedisLeaseStore
 from middleware.rabbitmq import is_rabbitmq
 from repositories.store import Job, JobKind, JobStatus, JobStore, utcnow
 
@@ -54,18 +54,13 @@ local function add(body)
   if job_id == nil and type(message.args) == 'table' then job_id = message.args[1] end
   if type(job_id) == 'string' then ids[#ids + 1] = job_id end
 end
-local function add_after_newline(value)
-  local sep = string.find(value, '\\n', 1, true)
-  if sep then add(string.sub(value, sep + 1)) end
-end
 for _, key in ipairs(KEYS) do
   for _, body in ipairs(redis.call('hvals', key)) do add(body) end
 end
+-- The throttle keys parked and handed-off entries by job id: their ids are read, no message decoded.
 if ARGV[1] ~= '' then
-  for _, key_id in ipairs(redis.call('smembers', ARGV[1])) do
-    for _, entry in ipairs(redis.call('lrange', ARGV[2] .. key_id, 0, -1)) do add_after_newline(entry) end
-  end
-  for _, value in ipairs(redis.call('hvals', ARGV[3])) do add_after_newline(value) end
+  for _, id in ipairs(redis.call('hkeys', ARGV[1])) do ids[#ids + 1] = id end
+  for _, id in ipairs(redis.call('hkeys', ARGV[2])) do ids[#ids + 1] = id end
 end
 return ids
 """
@@ -128,9 +123,9 @@ class Reconciler:
         keys = [f"{namespace}:{name}.msgs" for queue in sorted(queues) for name in (queue, dq_name(queue))]
         if is_rabbitmq(self.broker):
             keys = []  # RabbitMQ's queues cannot be read without consuming them: only Redis's side is seen
-        args = ["", "", ""]
+        args = ["", ""]
         if self.leases is not None:
-            args = [self.leases.parked_keys_key, self.leases.parked_prefix, self.leases.handoffs_key]
+            args = [self.leases.parked_index_key, self.leases.handoffs_key]
         found = cast(list[bytes], self._live_job_ids(keys=keys, args=args))
         return {raw.decode() for raw in found}
 

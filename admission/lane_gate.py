@@ -27,8 +27,8 @@ from dramatiq.middleware import SkipMessage
 
 from admission.lane_store import KEEP_RESERVATION, NOT_SENT, LaneStats, RedisLaneStore
 from admission.lanes import Lane, LaneTicket
-from middleware.limiters import now_ms, split_entry
-from middleware.throttle import holder_of, parked_entry
+from admission.leases import now_ms
+from admission.messages import handing_off, holder_of, parked_entry, split_entry
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ class LaneGate(dramatiq.Middleware):
             message_id, body = split_entry(entry)
             message = Message.decode(body)
             message.options[HANDOFF_OPTION] = True
-            broker.enqueue(message)
+            with handing_off():  # it holds its lane slot: never parked at send behind its user's line
+                broker.enqueue(message)
             self.store.handed_off(message_id)
 
     def _maintain(self) -> None:
@@ -366,7 +367,8 @@ class LaneGate(dramatiq.Middleware):
             logger.warning("re-enqueueing a lane handoff whose worker died", extra={"message_id": message_id})
             message = Message.decode(body)
             message.options[HANDOFF_OPTION] = True
-            broker.enqueue(message)
+            with handing_off():  # it holds its lane slot: never parked at send behind its user's line
+                broker.enqueue(message)
             self.store.handed_off(message_id)
         return wake_s
 

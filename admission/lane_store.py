@@ -28,7 +28,7 @@ from typing import cast
 import redis
 
 from admission.lanes import Lane
-from middleware.limiters import now_ms
+from admission.leases import now_ms
 
 #: Release codes instead of a token count: keep the reservation as it is, or undo it (nothing was sent).
 KEEP_RESERVATION = -3

@@ -15,14 +15,26 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dramatiq.common import compute_backoff
-from dramatiq.errors import Retry
-
 from actors.cancellation import CancelSignals, CancelWatch
+from actors.outcomes import (
+    Answer,
+    Attempt,
+    Cancelled,
+    Completed,
+    Failed,
+    HandedBack,
+    Outcome,
+    OutcomeRecorder,
+    RetryLater,
+    WaitsForLane,
+)
 from actors.payloads import GenerateMessage, PreviewMessage
+from actors.retry_policy import InvalidPayload as InvalidPayload
+from actors.retry_policy import JobFailed as JobFailed
+from actors.retry_policy import RetryPolicy as RetryPolicy
 from admission.lanes import estimate_text_tokens
 from middleware.metrics import JobObserver
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
@@ -45,54 +57,12 @@ PREVIEW_PROMPT = (
 PREVIEW_INPUT_CHARS = 8000
 
 
-class JobFailed(Exception):
-    """The job was marked failed in the store; the message must not be retried."""
-
-
-class InvalidPayload(Exception):
-    """The message payload was invalid; the job (if identifiable) was marked failed; never retried."""
-
-
 #: How long a delivery that found the store unreachable waits in the delay queue before it tries again, in ms.
 STORE_WAIT_REQUEUE_MS = 2000
 #: Added to the rest of a live lease before a redelivered copy of its message tries again, in ms.
 LEASE_MARGIN_MS = 500
 
-Outcome = TypeVar("Outcome")
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff within bounds, never earlier than a provider's ``Retry-After``."""
-
-    min_backoff_ms: int
-    max_backoff_ms: int
-
-    def delay_ms(self, retries_so_far: int, error: BaseException) -> int:
-        """Milliseconds to wait before the next attempt, after ``retries_so_far`` earlier retries."""
-        _, backoff = compute_backoff(retries_so_far, factor=self.min_backoff_ms, max_backoff=self.max_backoff_ms)
-        backoff = max(self.min_backoff_ms, min(backoff, self.max_backoff_ms))
-        retry_after_s = getattr(error, "retry_after_s", None)
-        if retry_after_s is not None:
-            backoff = max(backoff, int(retry_after_s * 1000) + 1)
-        return backoff
-
-
-def is_retryable(error: BaseException) -> bool:
-    """The contract's classification: provider errors say so themselves; unknown failures are retried."""
-    if isinstance(error, ProviderError):
-        return error.retryable
-    return not isinstance(error, JobFailed | InvalidPayload)
-
-
-@dataclass(slots=True)
-class AttemptResult:
-    """What one attempt produced: the text so far and, when it finished, the provider's final event."""
-
-    text: str
-    finished: Finished | None = None
-    cancelled: bool = False
-    handed_back: bool = False
+Written = TypeVar("Written")
 
 
 @dataclass
@@ -116,7 +86,8 @@ class Delivery:
 
     message_id: str
     retries: int
-    max_retries: int
+    max_retries: int | None = None
+    """The actor's own retry cap; None (the default) means the runner's ``RetryPolicy`` cap for the job's kind."""
     requeue: Callable[[], object] | None = None
     """Enqueue the same message again (same id, same retry count), without counting a retry."""
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -162,6 +133,8 @@ class JobRunner:
         self.generate_timeout_s = generate_timeout_s
         self.preview_timeout_s = preview_timeout_s
         self.store_outage_wait_s = store_outage_wait_s
+        self.recorder = OutcomeRecorder(store=store, observer=self.observer, persist=self._persist)
+        """The one place an attempt's outcome reaches the store, the observer and the log."""
 
     # -- entry points used by the actors -------------------------------------------------------
 
@@ -174,7 +147,7 @@ class JobRunner:
                 return
             with self.live_text.attempt(job.job_id, job.attempts):
                 self._attempt(
-                    job, delivery, message.params, watch, timeout_s=self.generate_timeout_s, on_done=self._generated
+                    job, delivery, message.params, watch, timeout_s=self.generate_timeout_s, answer=self._generated
                 )
 
     def run_preview(self, message: PreviewMessage, delivery: Delivery) -> None:
@@ -191,7 +164,7 @@ class JobRunner:
                 request = self._preview_request(message)
                 with self.live_text.attempt(job.job_id, job.attempts):
                     self._attempt(
-                        job, delivery, request, watch, timeout_s=self.preview_timeout_s, on_done=self._previewed
+                        job, delivery, request, watch, timeout_s=self.preview_timeout_s, answer=self._previewed
                     )
                 return
             self._persist(
@@ -235,7 +208,7 @@ class JobRunner:
             )
             delivery.requeue_later(STORE_WAIT_REQUEUE_MS)
 
-    def _persist(self, write: Callable[[], Outcome]) -> Outcome:
+    def _persist(self, write: Callable[[], Written]) -> Written:
         """Run a store write, retrying it while the store is unreachable, for up to ``store_outage_wait_s``.
 
         Used for the writes that end an attempt (its outcome is in memory and must not be lost for a
@@ -363,82 +336,52 @@ class JobRunner:
         watch: CancelWatch,
         *,
         timeout_s: float,
-        on_done: Callable[[Job, Delivery, AttemptResult, str], bool],
+        answer: Callable[[Completed, str], Answer],
     ) -> None:
-        log_extra: dict[str, Any] = {
-            "job_id": job.job_id,
-            "user_id": job.user_id,
-            "kind": str(job.kind),
-            "attempt": job.attempts,
-        }
+        """Run one attempt to its outcome and record it (which raises ``Retry``/``JobFailed`` when due)."""
+        attempt = Attempt(job, delivery, answer)
+        self.recorder.record(self._outcome(attempt, request, watch, timeout_s), attempt)
+
+    def _outcome(self, attempt: Attempt, request: ChatRequest, watch: CancelWatch, timeout_s: float) -> Outcome:
+        """Build the provider, pass the lane, stream: how the attempt ended, as one value."""
+        job, delivery = attempt.job, attempt.delivery
         try:
             provider = self._provider_for(job.kind)
         except Exception as exc:
             # A provider that cannot be built (missing key, bad setting) fails the same way on every attempt.
-            error = f"provider not configured: {exc}"
-            if self._persist(lambda: self.store.fail(job.job_id, error=error, owner=delivery.token)):
-                self.observer.job_finished(str(job.kind), "none", "failed")
-            logger.error("job failed: %s", error, extra=log_extra)
-            raise JobFailed(error) from None
-        log_extra["provider"] = provider.name
-        started = time.monotonic()
-        logger.info("attempt %d started", job.attempts, extra=log_extra)
-        kind = str(job.kind)
+            return Failed(f"provider not configured: {exc}")
+        attempt.using(provider.name)
+        logger.info("attempt %d started", job.attempts, extra=attempt.log_extra)
         lane_wait = self.lanes.lane_closed(delivery.token) if self.lanes is not None else None
         if lane_wait is not None:
-            self._wait_in_lane(job, delivery, lane_wait, log_extra)
-            return
+            return WaitsForLane(lane_wait)
+        attempt.started = time.monotonic()
         progress = _Progress()
         try:
-            result = asyncio.run(self._stream(job, delivery, provider, request, watch, timeout_s, progress))
+            outcome = asyncio.run(self._stream(job, delivery, provider, request, watch, timeout_s, progress))
         except Exception as error:
             lane_wait = self._lane_after_failure(delivery, error, progress)
             if lane_wait is not None:
-                self._wait_in_lane(job, delivery, lane_wait, log_extra)
-                self.observer.attempt_finished(kind, provider.name, "rate_limited", time.monotonic() - started)
-                return
-            outcome = self._attempt_failed(job, delivery, error, log_extra)
-            failed = isinstance(outcome, JobFailed)
-            attempt_outcome = "retried" if isinstance(outcome, Retry) else "failed" if failed else "dropped"
-            self.observer.attempt_finished(kind, provider.name, attempt_outcome, time.monotonic() - started)
-            if failed:
-                self.observer.job_finished(kind, provider.name, "failed")
-            if outcome is None:
-                return
-            raise outcome from error
+                return WaitsForLane(lane_wait)
+            return self._failure(attempt, error)
         except BaseException as interruption:
             # Shutdown or the time limit: the row stays processing and a redelivery takes the job over.
-            logger.warning("attempt interrupted by %s", type(interruption).__name__, extra=log_extra)
+            logger.warning("attempt interrupted by %s", type(interruption).__name__, extra=attempt.log_extra)
             raise
-        elapsed = time.monotonic() - started
-        self._report_lane_usage(delivery, result)
-        if result.handed_back:
-            note = f"attempt {job.attempts} stopped: its worker shut down; the job went back to the queue"
-            released = self._persist(lambda: self.store.release_for_retry(job.job_id, owner=delivery.token, error=note))
-            if released and delivery.requeue:
-                delivery.requeue()
-            logger.warning("attempt handed back after %.2fs: worker shutting down", elapsed, extra=log_extra)
-            self.observer.attempt_finished(kind, provider.name, "handed_back", elapsed)
-            return
-        if result.cancelled:
-            self._persist(lambda: self.store.keep_partial(job.job_id, owner=delivery.token, content=result.text))
-            logger.info("attempt stopped: job cancelled after %.2fs", elapsed, extra=log_extra)
-            self.observer.attempt_finished(kind, provider.name, "cancelled", elapsed)
-            self.observer.job_finished(kind, provider.name, "cancelled")
-            return
-        completed = on_done(job, delivery, result, provider.name)
-        usage = result.finished.usage if result.finished else None
-        self.observer.attempt_finished(
-            kind,
-            provider.name,
-            "completed",
-            elapsed,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            cost=result.finished.cost if result.finished else None,
-        )
-        self.observer.job_finished(kind, provider.name, "completed" if completed else "cancelled")
-        logger.info("attempt finished in %.2fs", elapsed, extra=log_extra)
+        self._report_lane_usage(delivery, outcome)
+        return outcome
+
+    def _failure(self, attempt: Attempt, error: Exception) -> RetryLater | Failed:
+        """Classify a failed attempt by the retry policy: another attempt after a delay, or the job fails."""
+        if isinstance(error, ProviderError):
+            description = error.describe()
+        else:
+            description = f"internal error: {type(error).__name__}"
+            logger.exception("attempt crashed", extra=attempt.log_extra)
+        job, delivery = attempt.job, attempt.delivery
+        if self.retry_policy.should_retry(job.kind, delivery.retries, error, max_retries=delivery.max_retries):
+            return RetryLater(self.retry_policy.delay_ms(delivery.retries, error), description, error)
+        return Failed(description, error)
 
     # -- provider lanes -------------------------------------------------------------------------
 
@@ -454,26 +397,16 @@ class JobRunner:
         self.lanes.used(delivery.token, self.lanes.prompt_estimate(delivery.token) + estimate_text_tokens(streamed))
         return None
 
-    def _report_lane_usage(self, delivery: Delivery, result: AttemptResult) -> None:
+    def _report_lane_usage(self, delivery: Delivery, outcome: Completed | Cancelled | HandedBack) -> None:
         """Settle the lane's reservation: the provider's usage, else the estimate of what was streamed."""
         if self.lanes is None:
             return
-        usage = result.finished.usage if result.finished is not None else None
+        usage = outcome.finished.usage if isinstance(outcome, Completed) else None
         if usage is not None:
             tokens = usage.total_tokens
         else:
-            tokens = self.lanes.prompt_estimate(delivery.token) + estimate_text_tokens(len(result.text))
+            tokens = self.lanes.prompt_estimate(delivery.token) + estimate_text_tokens(len(outcome.text))
         self.lanes.used(delivery.token, tokens)
-
-    def _wait_in_lane(self, job: Job, delivery: Delivery, wait: LaneWait, log_extra: dict[str, Any]) -> None:
-        """Send the job back to its lane's line: pending with why it waits, the same message again, no retry spent."""
-        retry_at = datetime.fromtimestamp(wait.until_ms / 1000, tz=UTC) if wait.until_ms else None
-        released = self._persist(
-            lambda: self.store.release_for_retry(job.job_id, owner=delivery.token, error=wait.note, retry_at=retry_at)
-        )
-        if released and delivery.requeue is not None:
-            delivery.requeue()
-        logger.warning("%s; no retry spent", wait.note, extra=log_extra)
 
     def _provider_for(self, kind: JobKind) -> ChatProvider:
         return self._preview_provider_factory() if kind is JobKind.PREVIEW else self._provider_factory()
@@ -487,7 +420,7 @@ class JobRunner:
         watch: CancelWatch,
         timeout_s: float,
         progress: _Progress | None = None,
-    ) -> AttemptResult:
+    ) -> Completed | Cancelled | HandedBack:
         """Read the stream while writing progress and the lease heartbeat every ``progress_interval_s``.
 
         The stream stops when the cancel signal arrives, or when a heartbeat finds the job no longer ours.
@@ -522,20 +455,20 @@ class JobRunner:
                     waiting, timeout=min(self.progress_interval_s, remaining), return_when=asyncio.FIRST_COMPLETED
                 )
                 if task in done:
-                    return AttemptResult(text=progress.text, finished=task.result())
+                    return Completed(progress.text, task.result())
                 if signal is not None and signal in done:
                     signal = None
                     if watch.handed_back:
                         task.cancel()
-                        return AttemptResult(text=progress.text, handed_back=True)
+                        return HandedBack(progress.text)
                     if self._is_cancelled(job.job_id):
                         task.cancel()
-                        return AttemptResult(text=progress.text, cancelled=True)
+                        return Cancelled(progress.text)
                     logger.warning(
                         "cancel signal for a job that is not cancelled; ignored", extra={"job_id": job.job_id}
                     )
                 if not self._flush(job, delivery, progress):
-                    return AttemptResult(text=progress.text, cancelled=True)
+                    return Cancelled(progress.text)
         finally:
             for pending in (task, signal):
                 if pending is not None and not pending.done():
@@ -576,11 +509,10 @@ class JobRunner:
         progress.flushed_chars = length
         return ours
 
-    # -- outcomes -------------------------------------------------------------------------------
+    # -- what a completed attempt stores -------------------------------------------------------------
 
-    def _generated(self, job: Job, delivery: Delivery, result: AttemptResult, provider: str) -> bool:
+    def _generated(self, result: Completed, provider: str) -> Answer:
         finished = result.finished
-        assert finished is not None
         usage = finished.usage.as_dict() if finished.usage else None
         response: dict[str, Any] = {
             "content": result.text,
@@ -591,70 +523,13 @@ class JobRunner:
         }
         if finished.cost is not None:
             response["cost"] = finished.cost
-        return self._store_completion(job, delivery, result.text, response, provider, finished.model, usage)
+        return Answer(result.text, response, finished.model, usage)
 
-    def _previewed(self, job: Job, delivery: Delivery, result: AttemptResult, provider: str) -> bool:
+    def _previewed(self, result: Completed, provider: str) -> Answer:
         finished = result.finished
-        assert finished is not None
         preview = " ".join(result.text.split())[:PREVIEW_MAX_CHARS]
         usage = finished.usage.as_dict() if finished.usage else None
         response = {"preview": preview, "used_ai": True, "model": finished.model, "provider": provider}
         if usage:
             response["usage"] = usage
-        return self._store_completion(job, delivery, preview, response, provider, finished.model, usage)
-
-    def _store_completion(
-        self,
-        job: Job,
-        delivery: Delivery,
-        content: str,
-        response: dict[str, Any],
-        provider: str,
-        model: str,
-        usage: dict[str, Any] | None,
-    ) -> bool:
-        """Store the answer; False when a cancel won the race at the last moment (the text is kept)."""
-        if self._persist(
-            lambda: self.store.complete(
-                job.job_id,
-                owner=delivery.token,
-                content=content,
-                response=response,
-                provider=provider,
-                model=model,
-                usage=usage,
-            )
-        ):
-            return True
-        self._persist(lambda: self.store.keep_partial(job.job_id, owner=delivery.token, content=content))
-        logger.info("completion discarded: job was cancelled", extra={"job_id": job.job_id})
-        return False
-
-    def _attempt_failed(
-        self, job: Job, delivery: Delivery, error: Exception, log_extra: dict[str, Any]
-    ) -> Exception | None:
-        """Record a failed attempt; return ``Retry`` (with its delay) or ``JobFailed`` for the actor to raise.
-
-        None means the job was cancelled or taken over meanwhile: the message simply ends.
-        """
-        if isinstance(error, ProviderError):
-            description = error.describe()
-        else:
-            description = f"internal error: {type(error).__name__}"
-            logger.exception("attempt crashed", extra=log_extra)
-        if is_retryable(error) and delivery.retries < delivery.max_retries:
-            delay_ms = self.retry_policy.delay_ms(delivery.retries, error)
-            note = f"attempt {job.attempts} failed: {description}; retrying in {delay_ms / 1000:.1f}s"
-            retry_at = utcnow() + timedelta(milliseconds=delay_ms)
-            if self._persist(
-                lambda: self.store.release_for_retry(
-                    job.job_id, owner=delivery.token, error=note, retry_at=retry_at, count_retry=True
-                )
-            ):
-                logger.warning("%s", note, extra=log_extra)
-                return Retry(delay=delay_ms)
-        elif self._persist(lambda: self.store.fail(job.job_id, error=description, owner=delivery.token)):
-            logger.warning("job failed: %s", description, extra=log_extra)
-            return JobFailed(description)
-        logger.info("failed attempt dropped: the job was cancelled or taken over", extra=log_extra)
-        return None
+        return Answer(preview, response, finished.model, usage)

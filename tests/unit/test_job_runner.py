@@ -137,3 +137,54 @@ def test_short_preview_content_is_kept_without_a_model_call(sqlite_store: JobSto
     job = sqlite_store.get(job_id)
     assert job is not None
     assert job.response == {"preview": "short", "used_ai": False}
+
+
+def test_a_delivery_without_its_own_cap_gets_the_policy_cap_of_its_kind(sqlite_store: JobStore) -> None:
+    provider = ScriptedProvider([ScriptedReply(error=Unavailable("down", provider="scripted", status_code=503))])
+    runner = runner_for(sqlite_store, provider)
+    # Generate: 3 retries, so the third delivery (2 retries so far) still gets a retry.
+    with pytest.raises(Retry):
+        runner.run_generation(generate(unique("job")), Delivery(message_id="m", retries=2))
+    # Preview: 2 retries, so the same delivery fails the job.
+    preview_id = unique("preview")
+    message = PreviewMessage(job_id=preview_id, user_id="u1", title="t", content="long " * 100)
+    with pytest.raises(JobFailed):
+        runner.run_preview(message, Delivery(message_id="m", retries=2))
+    job = sqlite_store.get(preview_id)
+    assert job is not None
+    assert (job.status, job.error) == (JobStatus.FAILED, "scripted error 503: down")
+
+
+def test_a_preview_is_summarised_and_its_answer_stored(sqlite_store: JobStore) -> None:
+    provider = ScriptedProvider([ScriptedReply(pieces=("A  short\n", "summary"))])
+    job_id = unique("preview")
+    message = PreviewMessage(job_id=job_id, user_id="u1", title="t", content="long " * 100)
+    runner_for(sqlite_store, provider).run_preview(message, delivery())
+    job = sqlite_store.get(job_id)
+    assert job is not None
+    assert (job.status, job.content) == (JobStatus.COMPLETED, "A short summary")
+    assert job.response is not None
+    assert job.response["preview"] == "A short summary"
+    assert job.response["used_ai"] is True
+    assert provider.requests[0].model == "preview-model"
+
+
+def test_a_cancel_while_streaming_keeps_the_partial_text_and_is_not_retried(sqlite_store: JobStore) -> None:
+    provider = ScriptedProvider([ScriptedReply(pieces=tuple("abcdefghij"), delay_s=0.1)])
+    runner = runner_for(sqlite_store, provider)
+    job_id = unique("job")
+    thread = threading.Thread(target=runner.run_generation, args=(generate(job_id), delivery()))
+    thread.start()
+    while thread.is_alive():
+        job = sqlite_store.get(job_id)
+        if job is not None and job.content:
+            assert sqlite_store.cancel(job_id, user_id="u1")
+            break
+        thread.join(0.02)
+    thread.join(10)
+    job = sqlite_store.get(job_id)
+    assert job is not None
+    assert job.status is JobStatus.CANCELLED
+    assert job.content
+    assert "abcdefghij".startswith(job.content)
+    assert provider.closed_early == 1

@@ -6,7 +6,7 @@ from email.utils import formatdate
 
 import pytest
 
-from actors.jobs import InvalidPayload, JobFailed, RetryPolicy, is_retryable
+from actors.retry_policy import InvalidPayload, JobFailed, RetryPolicy
 from repositories.errors import (
     AttemptTimedOut,
     RateLimited,
@@ -16,6 +16,9 @@ from repositories.errors import (
     error_for_status,
 )
 from repositories.openrouter import OpenRouterProvider, parse_retry_after
+
+POLICY = RetryPolicy(min_backoff_ms=2000, max_backoff_ms=60000)
+is_retryable = POLICY.is_retryable
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 529])

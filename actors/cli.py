@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 import actors
 from actors import api as actors_api
-from actors import runtime
+from actors.queue import current
 from actors.reconciler import Reconciler
 from actors.wiring import lane_book
 from admission.lane_store import RedisLaneStore
@@ -342,14 +342,14 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _print_lanes() -> None:
     """Per provider lane: requests and tokens in its current window, slots in use, pause, jobs waiting."""
-    book = lane_book(actors.settings)
+    book = lane_book(current().settings)
     if not book:
         return
     print("provider lanes (requests and tokens in the current window)")
     store = RedisLaneStore(actors.broker.client)
     rows = []
     for lane in book.lanes:
-        stats = store.stats(lane, lease_ms=actors.settings.throttle_lease_s * 1000)
+        stats = store.stats(lane, lease_ms=current().settings.throttle_lease_s * 1000)
         config = lane.config
         paused = "-"
         if stats.paused_until_ms > time.time() * 1000:
@@ -396,11 +396,11 @@ def _requeue(args: argparse.Namespace) -> int:
 
 
 def _reconciler() -> Reconciler:
-    return actors_api.reconciler(pending_after_s=actors.settings.reconcile_pending_after_s)
+    return actors_api.reconciler(pending_after_s=current().settings.reconcile_pending_after_s)
 
 
 def _cleanup(args: argparse.Namespace) -> int:
-    days: int = args.days if args.days is not None else runtime.options().retention_days
+    days: int = args.days if args.days is not None else current().options.retention_days
     cutoff = utcnow() - timedelta(days=days)
     store = _store()
     scope = f"finished jobs last updated before {_when(cutoff)} (more than {days} days ago)"
@@ -513,7 +513,7 @@ def _require_job(job_id: str, user_id: str | None) -> Job:
 
 
 def _store() -> JobStore:
-    return runtime.current().store
+    return current().store
 
 
 def _print_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, numeric: set[int], indent: str = "") -> None:

@@ -1,4 +1,4 @@
-"""Builds the broker and the runtime from ``Settings``: the only place below the entry points that reads them."""
+"""Builds the parts of a ``JobQueue`` (``actors.queue``) from ``Settings``: the only place that reads them."""
 
 from __future__ import annotations
 
@@ -21,11 +21,8 @@ from dramatiq.middleware import (
 from dramatiq.rate_limits.backends import RedisBackend as RateLimitRedisBackend
 from pydantic import SecretStr
 
-from actors import runtime
 from actors.cancellation import CancelSignals
 from actors.jobs import PREVIEW_INPUT_CHARS, PREVIEW_MAX_CHARS, PREVIEW_PROMPT, JobRunner, RetryPolicy
-from actors.payloads import salvage_identity
-from actors.runtime import ActorOptions, Runtime
 from admission.lane_gate import LaneGate
 from admission.lane_store import RedisLaneStore
 from admission.lanes import LaneBook, LaneTicket, estimate_prompt_tokens, parse_lanes
@@ -57,24 +54,28 @@ MAINTENANCE_CHANCE = 100_000
 
 
 def build_broker(
-    settings: Settings, metrics: JobMetrics | None = None, lanes: LaneGate | None = None
+    settings: Settings,
+    *,
+    throttle: UserThrottle,
+    metrics: JobMetrics | None = None,
+    lanes: LaneGate | None = None,
+    hand_back: Callable[[], object],
+    on_malformed: Callable[[Any, str], None],
 ) -> WakingRedisBroker | RabbitmqJobBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages, or
-    with ``BROKER_URL=amqp://...`` a RabbitMQ broker with the same middleware (``middleware.rabbitmq``)."""
+    with ``BROKER_URL=amqp://...`` a RabbitMQ broker with the same middleware (``middleware.rabbitmq``).
+
+    ``hand_back`` gives the running jobs back to the queue at shutdown; ``on_malformed`` fails the job of a
+    message the actor cannot take."""
     client = redis_client(settings)
     middleware: list[dramatiq.Middleware] = [
         # Before anything reads message.kwargs: a call the actor cannot take is dead-lettered, never retried.
-        MalformedMessages(on_rejected=_record_malformed),
+        MalformedMessages(on_rejected=on_malformed),
         RedactTracebacks(),
         # Before the throttle: each delivery's fresh token holds its slot and fences its job row.
         AttemptTokens(),
         # First after it, so that whatever skips a message later still finds its throttle slot released.
-        UserThrottle(
-            leases=RedisLeaseStore(client),
-            gate=StartRateGate(RateLimitRedisBackend(client=client)),
-            lease_ms=settings.throttle_lease_s * 1000,
-            on_waiting=metrics.sample_waiting if metrics is not None else None,
-        ),
+        throttle,
         # After the user throttle: a job takes its user's slot first, then its provider lane's.
         *([lanes] if lanes is not None else []),
         AgeLimit(),
@@ -93,7 +94,7 @@ def build_broker(
         ConfigurationCheck(check=settings.require_provider_key),
         GracefulShutdown(
             grace_ms=settings.shutdown_grace_s * 1000,
-            hand_back=lambda: runtime.current().runner.hand_back_running(),
+            hand_back=hand_back,
         ),
     ]
     if metrics is not None:
@@ -134,38 +135,27 @@ def register_configured_secrets(settings: Settings) -> None:
 
 
 #: The job kind of each actor that runs jobs, to fail the job of a malformed message.
-_ACTOR_KINDS = {"generate_llm_response": JobKind.GENERATE, "generate_preview": JobKind.PREVIEW}
+ACTOR_KINDS = {"generate_llm_response": JobKind.GENERATE, "generate_preview": JobKind.PREVIEW}
 
 
-def _record_malformed(message: Any, reason: str) -> None:
-    """Fail the job a malformed message names (when it names one usably) with the reason."""
-    kind = _ACTOR_KINDS.get(message.actor_name)
-    if kind is None:
-        return
-    fields: dict[str, Any] = {}
-    if isinstance(message.args, list | tuple):
-        fields.update(zip(("job_id", "user_id"), message.args, strict=False))
-    if isinstance(message.kwargs, dict):
-        fields.update({name: message.kwargs[name] for name in ("job_id", "user_id") if name in message.kwargs})
-    job_id, user_id = salvage_identity(fields)
-    if job_id is not None:
-        runtime.current().store.record_invalid(
-            job_id=job_id, user_id=user_id, kind=kind, error=f"invalid message: {reason}"
-        )
+def user_throttle(settings: Settings, metrics: JobMetrics | None = None) -> UserThrottle:
+    """The per-user throttle: concurrency slots and parked lines in Redis, window and bucket limits too."""
+    client = redis_client(settings)
+    return UserThrottle(
+        leases=RedisLeaseStore(client),
+        gate=StartRateGate(RateLimitRedisBackend(client=client)),
+        lease_ms=settings.throttle_lease_s * 1000,
+        on_waiting=metrics.sample_waiting if metrics is not None else None,
+    )
 
 
-def job_metrics(settings: Settings) -> JobMetrics | None:
-    """Job metrics when ``METRICS_ENABLED`` is on; one instance serves as middleware and as the runner's observer."""
+def job_metrics(settings: Settings, *, stuck_probe: Callable[[], dict[str, int]]) -> JobMetrics | None:
+    """Job metrics when ``METRICS_ENABLED`` is on; one instance serves as middleware and as the runner's observer.
+
+    ``stuck_probe`` counts the stuck jobs (processing, pending), sampled every ``RECONCILE_INTERVAL_S``."""
     if not settings.metrics_enabled:
         return None
-
-    def stuck_counts() -> dict[str, int]:
-        from actors.api import reconciler  # the actors are declared by the time a worker samples
-
-        stuck = reconciler(pending_after_s=settings.reconcile_pending_after_s).stuck()
-        return {"processing": len(stuck.processing), "pending": len(stuck.pending)}
-
-    return JobMetrics(stuck_probe=stuck_counts, stuck_every_s=settings.reconcile_interval_s)
+    return JobMetrics(stuck_probe=stuck_probe, stuck_every_s=settings.reconcile_interval_s)
 
 
 def build_provider(settings: Settings) -> ChatProvider:
@@ -222,18 +212,6 @@ def user_limit(settings: Settings, limit: int) -> UserLimit:
     return ConcurrencyLimit(limit)
 
 
-def actor_options(settings: Settings) -> ActorOptions:
-    """Time limits a minute above the attempt limits (the runner stops first), retention and user limits."""
-    return ActorOptions(
-        generate_time_limit_ms=(settings.generate_timeout_s + 60) * 1000,
-        preview_time_limit_ms=(settings.preview_timeout_s + 60) * 1000,
-        retention_days=settings.job_retention_days,
-        max_request_bytes=settings.max_request_bytes,
-        generate_user_limit=user_limit(settings, settings.generate_user_concurrency),
-        preview_user_limit=user_limit(settings, settings.preview_user_concurrency),
-    )
-
-
 def live_text(settings: Settings) -> LiveText | None:
     """The Redis Stream writer of each job's new text, when ``LIVE_TEXT_ENABLED`` is on."""
     if not settings.live_text_enabled:
@@ -242,7 +220,9 @@ def live_text(settings: Settings) -> LiveText | None:
     return RedisLiveText(client, ended_ttl_s=settings.live_text_ttl_s)
 
 
-def build_runtime(settings: Settings, metrics: JobMetrics | None = None, lanes: LaneGate | None = None) -> Runtime:
+def build_runtime(
+    settings: Settings, metrics: JobMetrics | None = None, lanes: LaneGate | None = None
+) -> tuple[JobStore, JobRunner, CancelSignals | None]:
     """The job store (migrated when ``AUTO_MIGRATE`` is on), the job runner and the cancel signals."""
     engine = create_store_engine(
         settings.database_url,
@@ -270,7 +250,7 @@ def build_runtime(settings: Settings, metrics: JobMetrics | None = None, lanes: 
         live_text=live_text(settings),
         lanes=lanes,
     )
-    return Runtime(store=store, runner=runner, cancel_signals=signals)
+    return store, runner, signals
 
 
 def lane_book(settings: Settings) -> LaneBook:
@@ -323,21 +303,19 @@ def lane_tickets(settings: Settings, book: LaneBook) -> Callable[[Any], LaneTick
     return ticket
 
 
-def lane_gate(settings: Settings, metrics: JobMetrics | None = None) -> LaneGate | None:
-    """The provider lanes' middleware (also the runner's hooks), or None when ``PROVIDER_LANES`` is empty."""
+def lane_gate(
+    settings: Settings,
+    metrics: JobMetrics | None = None,
+    *,
+    on_waiting: Callable[[Any, str], None],
+    on_gave_up: Callable[[Any, str], None],
+) -> LaneGate | None:
+    """The provider lanes' middleware (also the runner's hooks), or None when ``PROVIDER_LANES`` is empty.
+
+    ``on_waiting`` notes on a job why it waits; ``on_gave_up`` fails a job that waited past ``LANE_MAX_WAIT_S``."""
     book = lane_book(settings)
     if not book:
         return None
-
-    def note_waiting(message: Any, note: str) -> None:
-        job_id = message.kwargs.get("job_id")
-        if isinstance(job_id, str):
-            runtime.current().store.note_waiting(job_id, note)
-
-    def give_up(message: Any, error: str) -> None:
-        job_id = message.kwargs.get("job_id")
-        if isinstance(job_id, str) and runtime.current().store.fail(job_id, error=error):
-            logger.warning("job failed: %s", error, extra={"job_id": job_id})
 
     return LaneGate(
         store=RedisLaneStore(redis_client(settings)),
@@ -345,7 +323,7 @@ def lane_gate(settings: Settings, metrics: JobMetrics | None = None) -> LaneGate
         tickets=lane_tickets(settings, book),
         lease_ms=settings.throttle_lease_s * 1000,
         max_wait_s=settings.lane_max_wait_s,
-        on_waiting=note_waiting,
-        on_gave_up=give_up,
+        on_waiting=on_waiting,
+        on_gave_up=on_gave_up,
         on_sample=LaneGauges().sample if metrics is not None else None,
     )

@@ -33,8 +33,8 @@ def percentile(values: list[float], q: float) -> float:
 def run_mode(*, signals: bool, jobs: int, threads: int, workdir: Path) -> dict[str, Any]:
     """Cancel ``jobs`` running streams with the pub/sub signal on or off; return the latencies in ms."""
     import actors
-    from actors import cancel_job, enqueue_generation, get_job, runtime
-    from actors.wiring import actor_options, build_runtime
+    from actors import cancel_job, enqueue_generation, get_job
+    from actors.queue import JobQueue
     from repositories.store import JobStatus
     from settings import Settings
     from tests.harness import WorkerProcess, wait_until
@@ -42,7 +42,8 @@ def run_mode(*, signals: bool, jobs: int, threads: int, workdir: Path) -> dict[s
 
     database_url = f"sqlite:///{workdir / f'cancel-{signals}.db'}"
     settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL)
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+    queue = JobQueue(settings)
+    queue.bind()
     actors.broker.flush_all()
     close_ms: list[float] = []
     status_ms: list[float] = []

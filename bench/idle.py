@@ -128,8 +128,8 @@ def run_mode(mode: str, threads: int, *, redis_url: str, window_s: float, pickup
     import redis
     from dramatiq.brokers.redis import RedisBroker
 
-    from actors import enqueue_generation, runtime
-    from actors.wiring import actor_options, build_runtime
+    from actors import enqueue_generation
+    from actors.queue import JobQueue
     from bench.bare_actors import DRIVER_QUEUE, QUEUE, send_bare
     from bench.bare_actors import SENT_KEY as BARE_SENT_KEY
     from bench.idle_actors import DRIVER, SENT_KEY
@@ -144,7 +144,8 @@ def run_mode(mode: str, threads: int, *, redis_url: str, window_s: float, pickup
     with StreamingServer(chunks=1) as server:
         if mode == "project":
             settings = Settings(database_url=database_url, redis_url=redis_url)
-            runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+            queue = JobQueue(settings)
+            queue.bind()
             env = project_env(redis_url, database_url, server.base_url)
             module = "bench.idle_actors"
 
@@ -197,7 +198,7 @@ def run_mode(mode: str, threads: int, *, redis_url: str, window_s: float, pickup
         finally:
             worker.stop()
     if mode == "project":
-        runtime.current().store.engine.dispose()
+        queue.store.engine.dispose()
     client.flushdb()
     client.close()
     return figures

@@ -79,8 +79,9 @@ def workload(count: int, seed: int = 12) -> list[tuple[str, str, dict[str, Any]]
 def run_mode(mode: str, *, jobs: list[tuple[str, str, dict[str, Any]]], workdir: Path) -> dict[str, Any]:
     """Send the workload through 3 worker processes with lanes matching the quota (``lanes``) or none."""
     import actors
-    from actors import enqueue_generation, runtime
-    from actors.wiring import actor_options, build_runtime, lane_book
+    from actors import enqueue_generation
+    from actors.queue import JobQueue
+    from actors.wiring import lane_book
     from admission.lane_store import RedisLaneStore
     from repositories.store import JobStatus
     from settings import Settings
@@ -99,8 +100,9 @@ def run_mode(mode: str, *, jobs: list[tuple[str, str, dict[str, Any]]], workdir:
             }
         ]
     settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL, provider_lanes=json.dumps(lanes))
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
-    store = runtime.current().store
+    queue = JobQueue(settings)
+    queue.bind()
+    store = queue.store
     actors.broker.client.flushdb()
     load_before = os.getloadavg()
     with QuotaServer(

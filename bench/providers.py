@@ -123,8 +123,8 @@ def run_provider(
 ) -> ProviderFigures:
     """Start a worker for ``provider`` against the loopback servers and measure its jobs and memory."""
     import actors
-    from actors import enqueue_generation, runtime
-    from actors.wiring import actor_options, build_runtime
+    from actors import enqueue_generation
+    from actors.queue import JobQueue
     from settings import Settings
     from tests.harness import PROJECT_ROOT, WorkerProcess, wait_until
     from tests.loopback import anthropic as anthropic_loopback
@@ -132,7 +132,8 @@ def run_provider(
 
     database_url = f"sqlite:///{workdir / f'{provider}.db'}"
     settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL)
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+    queue = JobQueue(settings)
+    queue.bind()
     actors.broker.flush_all()
     chunks = [f"w{i} " for i in range(20)]
     inherited = {

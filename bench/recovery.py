@@ -25,8 +25,8 @@ BENCH_REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 def recover_once(actors_module: str, workdir: Path, cap_s: float) -> float | None:
     """Seconds from SIGKILL to completion, or None past ``cap_s``."""
     import actors
-    from actors import enqueue_generation, get_job, runtime
-    from actors.wiring import actor_options, build_runtime
+    from actors import enqueue_generation, get_job
+    from actors.queue import JobQueue
     from repositories.store import JobStatus
     from settings import Settings
     from tests.harness import WorkerProcess, wait_until
@@ -34,7 +34,8 @@ def recover_once(actors_module: str, workdir: Path, cap_s: float) -> float | Non
 
     database_url = f"sqlite:///{workdir / f'recovery-{uuid.uuid4().hex[:6]}.db'}"
     settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL)
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+    queue = JobQueue(settings)
+    queue.bind()
     actors.broker.client.flushdb()
     job_id = f"recover-{uuid.uuid4().hex[:8]}"
     with OpenRouterServer() as server:

@@ -130,20 +130,12 @@ BROKERS = ("redis", "rabbitmq")
 
 @contextlib.contextmanager
 def message_broker(kind: str, redis_url: str) -> Iterator[dict[str, str]]:
-    """The worker environment for broker ``kind``; with ``rabbitmq`` this process's actors send to RabbitMQ
-    (a virtual host of the run's own, ``BROKER_URL``) for the duration, Redis keeping everything else."""
+    """The worker environment for broker ``kind``; with ``rabbitmq`` a virtual host of the run's own
+    (``BROKER_URL``), which the bench's own ``JobQueue`` sends to as well (``bench_settings``)."""
     if kind == "redis":
         yield {}
         return
-    from actors.wiring import build_broker
-    from settings import Settings
-    from tests.integration.rabbitmq import own_vhost, point_actors_at
+    from tests.integration.rabbitmq import own_vhost
 
     with own_vhost() as url:
-        broker = build_broker(Settings(redis_url=redis_url, broker_url=url))
-        previous = point_actors_at(broker)
-        try:
-            yield {"BROKER_URL": url}
-        finally:
-            point_actors_at(previous)
-            broker.close()
+        yield {"BROKER_URL": url}

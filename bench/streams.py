@@ -127,16 +127,17 @@ def run_project(
     broker_env: dict[str, str],
 ) -> RunFigures:
     """This project's worker on ``database_url`` (with ``broker_env``: on RabbitMQ)."""
-    from actors import enqueue_generation, runtime
-    from actors.wiring import actor_options, build_runtime
+    from actors import enqueue_generation
+    from actors.queue import JobQueue
     from repositories.store import FINAL_STATUSES, JobRow, JobStatus
     from settings import Settings
     from tests.harness import WorkerProcess, wait_until
 
     _flush(BENCH_REDIS_URL)
-    settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL)
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
-    store = runtime.current().store
+    settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL, broker_url=broker_env.get("BROKER_URL"))
+    queue = JobQueue(settings)
+    queue.bind()
+    store = queue.store
     run = uuid.uuid4().hex[:6]
     job_ids = [f"s{i}-{run}" for i in range(jobs)]
     step = max(1, jobs // samples)

@@ -50,8 +50,8 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
     wake-ups off, so handed-off messages are found by polling alone), ``naive`` (the stock limiter).
     """
     import actors
-    from actors import enqueue_generation, runtime
-    from actors.wiring import actor_options, build_runtime
+    from actors import enqueue_generation
+    from actors.queue import JobQueue
     from bench.throttle_actors import DELIVERIES_KEY, generate_naive
     from middleware.throttle import UserThrottle
     from repositories.store import JobStatus
@@ -72,8 +72,9 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
 
     database_url = f"sqlite:///{workdir / f'throttle-{mode}.db'}"
     settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL)
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
-    store = runtime.current().store
+    queue = JobQueue(settings)
+    queue.bind()
+    store = queue.store
     actors.broker.client.flushdb()
     run = uuid.uuid4().hex[:6]
     jobs: list[tuple[str, str, str]] = [(f"heavy-{run}", f"{mode}-h{i}-{run}", "heavy") for i in range(heavy)]

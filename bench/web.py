@@ -341,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["REDIS_URL"] = BENCH_REDIS_URL
 
     import actors
-    from actors import runtime
-    from actors.wiring import actor_options, build_runtime
+    from actors.queue import JobQueue
     from settings import Settings
     from tests.harness import WorkerProcess
     from tests.loopback.openrouter import OpenRouterServer
@@ -357,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.postgres:
             database_url = stack.enter_context(fresh_postgres(args.postgres))
         settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL)
-        runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+        queue = JobQueue(settings)
+        queue.bind()
         actors.broker.flush_all()
         env = {
             **os.environ,

@@ -25,6 +25,7 @@ from sse_starlette import EventSourceResponse
 
 import actors
 from actors.payloads import GenerationParams, JobId
+from actors.queue import current
 from middleware.limiters import UserLoad
 from repositories.store import Job, JobKind, JobStatus
 from web.feed import FeedHub, Position, Snapshot, job_events, job_json
@@ -204,7 +205,7 @@ def build_router(
     """
     streams = streams or JobStreams(
         tokens=tokens or default_tokens(),
-        redis_url=redis_url if redis_url is not None else actors.settings.redis_url,
+        redis_url=redis_url if redis_url is not None else current().settings.redis_url,
         ping_s=ping_s,
     )
     router = APIRouter()
@@ -255,7 +256,7 @@ def build_router(
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
     ) -> list[dict[str, Any]]:
         """The caller's jobs, newest first, optionally in one status."""
-        store = actors.runtime.current().store
+        store = current().store
         jobs = store.list_jobs(user_id=user_id, statuses=[status] if status else (), limit=limit)
         return [job_json(job) for job in jobs]
 
@@ -297,7 +298,7 @@ def build_router(
 
 def default_tokens() -> StreamTokens:
     """Stream tokens keyed by ``WEB_STREAM_SECRET`` (a random key of this process when it is unset)."""
-    settings = actors.settings
+    settings = current().settings
     secret = settings.web_stream_secret.get_secret_value().encode() if settings.web_stream_secret else None
     if secret is None:
         logger.warning("WEB_STREAM_SECRET is not set: stream tokens are valid only in this web process")

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
-import actors
+from actors.queue import current
 from settings import ConfigurationError
 from web.api import PING_S, Identity, JobStreams, build_router, default_tokens
 from web.operator import Authorize, build_operator_router
@@ -45,7 +45,7 @@ def create_app(
     Without ``identity`` it needs ``WEB_DEV_IDENTITY=true``: the ``X-User-Id`` header names the user
     and the operator page is open to everyone. That is for local use only and logs a warning.
     """
-    settings = actors.settings
+    settings = current().settings
     if identity is None:
         if not settings.web_dev_identity:
             raise ConfigurationError(

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 
 import actors
 from actors.payloads import UserId
+from actors.queue import current
 from repositories.store import Job, utcnow
 from web.api import STATIC_DIR, JobStreams, known_job_id, snapshot_of, user_loads
 
@@ -80,7 +81,7 @@ def build_operator_router(
     def state() -> dict[str, Any]:
         """The newest jobs of every user and the per-user running and waiting counts."""
         now = utcnow()
-        jobs = actors.runtime.current().store.list_jobs(limit=limit)
+        jobs = current().store.list_jobs(limit=limit)
         loads = [
             {"actor": load.actor, "user_id": load.user_id, "running": load.running, "waiting": load.waiting}
             for load in user_loads()

@@ -26,11 +26,11 @@ from repositories.store import JobStatus, JobStore, create_store_engine
 from settings import Settings
 from tests.conftest import unique
 from tests.faults.own_redis import OwnRedis
-from tests.faults.runtime_swap import runtime_on
 from tests.faults.worker_env import fault_worker_env
 from tests.harness import PROJECT_ROOT, WorkerProcess, wait_for_job_status
 from tests.loopback import anthropic as anthropic_loopback
 from tests.loopback import openrouter as openrouter_loopback
+from tests.queues import queue_on
 
 #: Not shaped like any known key, so only the registration of configured secrets can mask it.
 CONFIGURED_KEY = "hk" + uuid.uuid4().hex + "Zq"
@@ -149,7 +149,7 @@ def test_a_key_echoed_by_the_provider_appears_nowhere(
             assert CONFIGURED_KEY not in job.error
             assert FOREIGN_KEY not in job.error
         # ... in what get_job returns
-        with runtime_on(Settings(database_url=database_url, cancel_signals=False)):
+        with queue_on(Settings(database_url=database_url, cancel_signals=False)):
             for job_id in jobs.values():
                 job = actors.get_job(job_id, user_id="u1")
                 assert job is not None

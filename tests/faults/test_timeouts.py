@@ -17,14 +17,13 @@ from dramatiq import Message
 from dramatiq.errors import ConnectionClosed
 
 import actors
-from actors.wiring import build_broker, build_runtime
-from middleware.throttle import throttle_of
+from actors.queue import JobQueue
 from repositories.sql_deadline import StoreUnavailable
 from settings import Settings
 from tests.conftest import unique
 from tests.faults.own_redis import OwnRedis
 from tests.faults.proxy import TcpProxy
-from tests.faults.runtime_swap import runtime_on
+from tests.queues import queue_on
 
 #: The timeouts these tests configure, in seconds; the bound of one API call is connect + statement + 1.
 CONNECT_S = 2.0
@@ -45,7 +44,7 @@ def proxy(postgres_database: str) -> Iterator[TcpProxy]:
             database_statement_timeout_s=STATEMENT_S,
             cancel_signals=False,
         )
-        with runtime_on(settings):
+        with queue_on(settings):
             yield running
 
 
@@ -114,12 +113,11 @@ def test_every_redis_client_gives_up_within_its_socket_timeout(tmp_path: Any) ->
             redis_socket_timeout_s=1.0,
             database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
         )
-        broker = build_broker(settings)
-        throttle = throttle_of(broker)
-        assert throttle is not None
-        signals = build_runtime(settings).cancel_signals
+        queue = JobQueue(settings)
+        broker = queue.broker
+        signals = queue.services().cancel_signals
         assert signals is not None
-        clients: list[redis.Redis] = [broker.client, throttle.leases._client, signals._client]  # type: ignore[attr-defined]
+        clients: list[redis.Redis] = [broker.client, queue.throttle.leases._client, signals._client]  # type: ignore[attr-defined]
         for client in clients:
             assert client.ping()
         # When Redis goes silent
@@ -131,12 +129,13 @@ def test_every_redis_client_gives_up_within_its_socket_timeout(tmp_path: Any) ->
                 client.ping()
             assert time.monotonic() - started < 5.0
         broker.close()
+        queue.close()
 
 
 def test_a_consumer_reports_a_silent_redis_as_a_lost_connection(tmp_path: Any) -> None:
     with OwnRedis() as server, TcpProxy("127.0.0.1", server.port) as proxy:
         # Given a worker's consumer fetching through the proxy, with a short socket timeout
-        broker = build_broker(Settings(redis_url=proxy.rewrite_url(server.url), redis_socket_timeout_s=1.0))
+        broker = JobQueue(Settings(redis_url=proxy.rewrite_url(server.url), redis_socket_timeout_s=1.0)).broker
         broker.declare_queue("llm_generate")
         broker.enqueue(Message(queue_name="llm_generate", actor_name="a", args=(), kwargs={}, options={}))
         consumer = broker.consume("llm_generate", prefetch=1, timeout=20)

@@ -12,12 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import dramatiq
 import pytest
 
 import actors
-from actors import runtime
-from actors.wiring import actor_options, build_runtime
+from actors.queue import JobQueue, current
 from middleware.rabbitmq import is_rabbitmq
 from repositories.store import Job, JobStatus, JobStore
 from settings import Settings
@@ -31,7 +29,7 @@ from tests.harness import (
     wait_until_no_message_for,
 )
 from tests.integration.message_ledger import wait_until_no_ledgered_message_for
-from tests.integration.rabbitmq import own_vhost, point_actors_at, rabbitmq_broker_in_tests
+from tests.integration.rabbitmq import own_vhost, rabbitmq_queue_in_tests
 from tests.loopback.openrouter import OpenRouterServer
 
 __all__ = ["PROJECT_ROOT", "READY_LINE", "Stack", "WorkerProcess", "WorkerSlot", "params", "wait_until"]
@@ -57,6 +55,7 @@ class Stack:
     server: OpenRouterServer
     worker: WorkerProcess
     env: dict[str, str]
+    queue: JobQueue
     broker: str = "redis"
     """``redis`` or ``rabbitmq``: the message broker (throttle, lanes and signals are on Redis either way)."""
 
@@ -68,9 +67,9 @@ class Stack:
     def wait_until_no_message_for(self, job_id: str, *, timeout: float = 20.0) -> None:
         """Wait until no message about ``job_id`` is queued, delayed or unacked (dead letters are done)."""
         if self.broker == "rabbitmq":
-            wait_until_no_ledgered_message_for(actors.broker.client, job_id, timeout=timeout)
+            wait_until_no_ledgered_message_for(current().broker.client, job_id, timeout=timeout)
         else:
-            wait_until_no_message_for(actors.broker.client, job_id, timeout=timeout)
+            wait_until_no_message_for(current().broker.client, job_id, timeout=timeout)
 
     @contextlib.contextmanager
     def other_workers(
@@ -103,9 +102,10 @@ class Stack:
 
 def flush_broker() -> None:
     """Drop every message (and the throttle's, lanes' and ledger's state in Redis) of the test broker."""
-    actors.broker.client.flushdb()
-    if is_rabbitmq(actors.broker):
-        actors.broker.flush_all()
+    broker = current().broker
+    broker.client.flushdb()
+    if is_rabbitmq(broker):
+        broker.flush_all()
 
 
 def worker_env(database_url: str, server: OpenRouterServer, **extra: str) -> dict[str, str]:
@@ -130,28 +130,26 @@ class WorkerSlot:
 
     def __init__(self) -> None:
         self.holder: Stack | None = None
-        self.redis_broker: dramatiq.Broker = actors.broker
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Stop the session stack's worker (if any) for the duration, then restore it and its store."""
+        """Stop the session stack's worker (if any) for the duration, then restore it and bind its queue again."""
         holder = self.holder
         if holder is None:
             yield
             return
         holder.worker.stop()
         # Whoever needs the queues expects the Redis broker the test process imported.
-        rabbitmq = point_actors_at(self.redis_broker) if is_rabbitmq(actors.broker) else None
+        rabbitmq = is_rabbitmq(holder.queue.broker)
+        if rabbitmq:
+            actors.default_queue.bind()
         try:
             yield
         finally:
             flush_broker()
-            if rabbitmq is not None:
-                point_actors_at(rabbitmq)
+            holder.queue.bind()
+            if rabbitmq:
                 flush_broker()
-            settings = Settings(database_url=holder.database_url)
-            runtime.configure(lambda: build_runtime(settings), actor_options(settings))
-            holder.store = runtime.current().store
             holder.worker.start()
 
 
@@ -203,18 +201,22 @@ def stack(
         if broker == "rabbitmq":
             extra["BROKER_URL"] = resources.enter_context(own_vhost())
             settings = Settings(database_url=settings.database_url, broker_url=extra["BROKER_URL"])
-            resources.enter_context(rabbitmq_broker_in_tests(settings))
+            queue = resources.enter_context(rabbitmq_queue_in_tests(settings))
             actors_module = "tests.integration.ledger_actors"
+        else:
+            queue = JobQueue(settings)
+            resources.enter_context(queue.bound())
+            resources.callback(queue.close)
         flush_broker()
-        runtime.configure(lambda: build_runtime(settings), actor_options(settings))
-        store = runtime.current().store
+        store = queue.store
         env = worker_env(settings.database_url, openrouter, **extra)
         log_path = tmp_path_factory.mktemp(f"worker-{request.param}") / "worker.log"
         worker = WorkerProcess(env, log_path, actors_module=actors_module).start()
-        running = Stack(backend, settings.database_url, store, openrouter, worker, env, broker=broker or "redis")
+        running = Stack(
+            backend, settings.database_url, store, openrouter, worker, env, queue=queue, broker=broker or "redis"
+        )
         worker_slot.holder = running
         yield running
         worker_slot.holder = None
         worker.stop()
         flush_broker()
-        store.engine.dispose()

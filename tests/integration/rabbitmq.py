@@ -1,9 +1,7 @@
-"""RabbitMQ for the integration tests: a virtual host of the test run's own, and the test process's broker
-swapped for a RabbitMQ one (then put back).
+"""RabbitMQ for the integration tests: a virtual host of the test run's own, and a ``JobQueue`` on it.
 
-``actors.broker`` is built when ``actors`` is imported (the Redis broker of ``REDIS_URL``), and every actor
-holds a reference to it. ``rabbitmq_broker_in_tests`` builds the RabbitMQ broker the worker uses, re-declares
-every actor on it, makes it Dramatiq's global broker and ``actors.broker``, and restores all three afterwards.
+``rabbitmq_queue_in_tests`` builds the queue the worker uses (``BROKER_URL`` set), with the message ledger
+on its broker, binds the actors to it for the block, and binds the queue before again afterwards.
 """
 
 from __future__ import annotations
@@ -17,10 +15,7 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
 
-import dramatiq
-
-import actors
-from actors.wiring import build_broker
+from actors.queue import JobQueue
 from middleware.rabbitmq import RabbitmqJobBroker
 from settings import Settings
 from tests.integration.message_ledger import MessageLedger
@@ -61,32 +56,20 @@ def own_vhost() -> Iterator[str]:
     yield f"{TEST_RABBITMQ_URL.rstrip('/')}/%2F"
 
 
-def point_actors_at(broker: dramatiq.Broker) -> dramatiq.Broker:
-    """Re-declare every actor on ``broker`` and make it the global and ``actors.broker``; returns the old one."""
-    old = actors.broker
-    for name in sorted(old.get_declared_actors()):
-        actor = old.get_actor(name)
-        actor.broker = broker
-        if name not in broker.get_declared_actors():
-            broker.declare_actor(actor)
-    dramatiq.set_broker(broker)
-    actors.broker = broker  # type: ignore[assignment]
-    return old
-
-
 @contextlib.contextmanager
-def rabbitmq_broker_in_tests(settings: Settings) -> Iterator[RabbitmqJobBroker]:
-    """Make the RabbitMQ broker of ``settings`` (which has ``broker_url``) the test process's, then restore."""
-    new = build_broker(settings)
-    if not isinstance(new, RabbitmqJobBroker):
+def rabbitmq_queue_in_tests(settings: Settings) -> Iterator[JobQueue]:
+    """A queue on the RabbitMQ broker of ``settings`` (which has ``broker_url``), bound for the block."""
+    queue = JobQueue(settings)
+    broker = queue.broker
+    if not isinstance(broker, RabbitmqJobBroker):
         raise ValueError("settings.broker_url must be an amqp:// URL")
-    new.add_middleware(MessageLedger(new.client))
-    old = point_actors_at(new)
+    broker.add_middleware(MessageLedger(broker.client))
     try:
-        yield new
+        with queue.bound():
+            yield queue
     finally:
-        point_actors_at(old)
         with contextlib.suppress(Exception):
-            new.flush_all()
-        new.close()
-        new.client.close()
+            broker.flush_all()
+        broker.close()
+        broker.client.close()
+        queue.close()

@@ -17,22 +17,22 @@ from sqlalchemy.exc import SQLAlchemyError
 
 import actors
 from actors.jobs import InvalidPayload
-from actors.runtime import Runtime
+from actors.queue import JobQueue
 from repositories.store import JobKind, JobRow, JobStore
 from repositories.store import utcnow as store_now
 from settings import Settings
 from tests.conftest import database_url_for, unique
-from tests.faults.runtime_swap import runtime_on
 from tests.harness import PROJECT_ROOT
+from tests.queues import queue_on
 
 SECRET_TEXT = "generated text that must stay out of logs"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def api(request: pytest.FixtureRequest) -> Iterator[Runtime]:
+def api(request: pytest.FixtureRequest) -> Iterator[JobQueue]:
     """The web API on a migrated store of each backend (cancel signals off: nothing runs the jobs)."""
     settings = Settings(database_url=database_url_for(request, request.param), cancel_signals=False)
-    with runtime_on(settings) as current:
+    with queue_on(settings) as current:
         yield current
 
 
@@ -62,20 +62,20 @@ def test_the_store_reports_a_new_row_as_created_on_both_backends(store: JobStore
         (lambda: actors.cancel_job("a\x00b", user_id="u1"), "job_id"),
     ],
 )
-def test_characters_the_stores_cannot_hold_are_refused_naming_the_field(api: Runtime, call: Any, field: str) -> None:
+def test_characters_the_stores_cannot_hold_are_refused_naming_the_field(api: JobQueue, call: Any, field: str) -> None:
     with pytest.raises(ValidationError) as raised:
         call()
     assert field in _fields(raised.value)
     assert "\x00" not in str(raised.value)
 
 
-def test_get_job_of_an_id_no_job_can_have_is_none(api: Runtime) -> None:
+def test_get_job_of_an_id_no_job_can_have_is_none(api: JobQueue) -> None:
     assert actors.get_job("a\x00b") is None
     assert actors.get_job("a\x00b", user_id="u1") is None
     assert actors.get_job(unique("job"), user_id="u\x00") is None
 
 
-def test_a_request_over_the_size_limit_is_refused_naming_params(api: Runtime) -> None:
+def test_a_request_over_the_size_limit_is_refused_naming_params(api: JobQueue) -> None:
     # 3 messages of 1 MB each: every message is within its own limit, the request is not
     params = {"model": "test/model", "messages": [{"role": "user", "content": "x" * 1_000_000}] * 3}
     job_id = unique("big")
@@ -91,11 +91,11 @@ def test_a_request_over_the_size_limit_is_refused_naming_params(api: Runtime) ->
 
 def test_the_size_limit_is_the_setting(request: pytest.FixtureRequest) -> None:
     settings = Settings(database_url=database_url_for(request, "sqlite"), cancel_signals=False, max_request_bytes=2048)
-    with runtime_on(settings), pytest.raises(ValidationError, match="above the limit of 2048"):
+    with queue_on(settings), pytest.raises(ValidationError, match="above the limit of 2048"):
         actors.enqueue_generation("u1", _params("y" * 3000))
 
 
-def test_another_users_job_id_gets_the_answer_an_unknown_id_gets(api: Runtime) -> None:
+def test_another_users_job_id_gets_the_answer_an_unknown_id_gets(api: JobQueue) -> None:
     # Given a job of u1
     job_id = actors.enqueue_generation("u1", _params(), job_id=unique("mine"))
     # When u2 enqueues, cancels or reads that id
@@ -111,7 +111,7 @@ def test_another_users_job_id_gets_the_answer_an_unknown_id_gets(api: Runtime) -
 
 
 def test_llm_jobs_cancel_says_the_same_for_another_users_job_as_for_an_unknown_one(
-    api: Runtime, request: pytest.FixtureRequest
+    api: JobQueue, request: pytest.FixtureRequest
 ) -> None:
     job_id = actors.enqueue_generation("u1", _params(), job_id=unique("theirs"))
     unknown = unique("unknown")
@@ -133,7 +133,7 @@ def test_llm_jobs_cancel_says_the_same_for_another_users_job_as_for_an_unknown_o
     assert "another user" not in theirs.stderr
 
 
-def test_cleanup_refuses_a_retention_below_one_day_and_deletes_nothing(api: Runtime) -> None:
+def test_cleanup_refuses_a_retention_below_one_day_and_deletes_nothing(api: JobQueue) -> None:
     job_id = unique("old")
     api.store.create(job_id=job_id, user_id="u1", kind=JobKind.GENERATE, request={})
     api.store.fail(job_id, error="long ago")

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import actors
-from actors import enqueue_generation, runtime
-from actors.wiring import actor_options, build_runtime
+from actors import enqueue_generation
+from actors.queue import JobQueue
 from repositories.store import JobStatus
 from settings import ProviderName, Settings
 from stack.local_model import LOCAL_MODEL, READY_MARKER, free_port
@@ -103,7 +103,8 @@ def test_the_anthropic_providers_complete_a_generation_on_the_real_local_model_w
         **local_model_env(settings, local_model.base_url),
     }
     actors.broker.flush_all()
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
+    queue = JobQueue(settings)
+    previous = queue.bind()
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
         # When a generation is enqueued
@@ -111,11 +112,13 @@ def test_the_anthropic_providers_complete_a_generation_on_the_real_local_model_w
             user_id=unique("local"),
             params={"model": LOCAL_MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 24},
         )
-        job = wait_for_job_status(runtime.current().store, job_id, timeout=180)
+        job = wait_for_job_status(queue.store, job_id, timeout=180)
     finally:
         worker.stop()
         actors.broker.flush_all()
-        runtime.current().store.engine.dispose()
+        if previous is not None:
+            previous.bind()
+        queue.close()
     # Then the real model answered through the Anthropic Messages endpoint, with its token usage
     assert job.status is JobStatus.COMPLETED, job.error
     assert job.content

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import pytest
 
 import actors
-from actors import cancel_job, enqueue_generation, enqueue_preview, get_job, runtime
-from actors.wiring import actor_options, build_runtime
+from actors import cancel_job, enqueue_generation, enqueue_preview, get_job
+from actors.queue import JobQueue
 from repositories.store import Job, JobStatus, JobStore
 from settings import Settings
 from tests.conftest import TEST_API_KEY, unique
@@ -284,15 +284,18 @@ def provider_stack(
     case = CASES[request.param]
     actors.broker.flush_all()
     settings = Settings(database_url=providers_database)
-    runtime.configure(lambda: build_runtime(settings), actor_options(settings))
-    store = runtime.current().store
+    queue = JobQueue(settings)
+    previous = queue.bind()
+    store = queue.store
     env = worker_env(case, providers_database, openrouter, anthropic_server)
     log_dir = tmp_path_factory.mktemp(f"worker-{case.name}")
     worker = WorkerProcess(env, log_dir / "worker.log").start()
     yield ProviderStack(case, store, worker, env, openrouter, anthropic_server, log_dir)
     worker.stop()
     actors.broker.flush_all()
-    store.engine.dispose()
+    if previous is not None:
+        previous.bind()
+    queue.close()
 
 
 # -- the same behaviour from every provider ------------------------------------------------------------

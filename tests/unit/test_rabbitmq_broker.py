@@ -6,7 +6,7 @@ import dramatiq
 import pytest
 from dramatiq.brokers.stub import StubBroker
 
-from actors.wiring import build_broker
+from actors.queue import JobQueue
 from middleware.rabbitmq import RabbitmqJobBroker, RabbitmqTuning, is_rabbitmq
 from middleware.throttle import UserThrottle
 from middleware.worker_tuning import WakingRedisBroker, WorkerTuning
@@ -16,7 +16,7 @@ RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 def test_without_a_broker_url_the_broker_is_redis() -> None:
-    broker = build_broker(Settings(_env_file=None, broker_url=None))
+    broker = JobQueue(Settings(_env_file=None, broker_url=None)).broker
     try:
         assert isinstance(broker, WakingRedisBroker)
         assert not is_rabbitmq(broker)
@@ -27,7 +27,7 @@ def test_without_a_broker_url_the_broker_is_redis() -> None:
 def test_an_amqp_broker_url_gives_rabbitmq_with_confirms_the_same_throttle_and_no_redis_polling() -> None:
     # Given / When
     redis_url = "redis://127.0.0.1:6390/3"  # never connected to: building a broker opens no connection
-    broker = build_broker(Settings(_env_file=None, broker_url=RABBITMQ_URL, redis_url=redis_url))
+    broker = JobQueue(Settings(_env_file=None, broker_url=RABBITMQ_URL, redis_url=redis_url)).broker
     try:
         # Then
         assert isinstance(broker, RabbitmqJobBroker)

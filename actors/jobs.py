@@ -86,8 +86,6 @@ class Delivery:
 
     message_id: str
     retries: int
-    max_retries: int | None = None
-    """The actor's own retry cap; None (the default) means the runner's ``RetryPolicy`` cap for the job's kind."""
     requeue: Callable[[], object] | None = None
     """Enqueue the same message again (same id, same retry count), without counting a retry."""
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -379,7 +377,7 @@ class JobRunner:
             description = f"internal error: {type(error).__name__}"
             logger.exception("attempt crashed", extra=attempt.log_extra)
         job, delivery = attempt.job, attempt.delivery
-        if self.retry_policy.should_retry(job.kind, delivery.retries, error, max_retries=delivery.max_retries):
+        if self.retry_policy.should_retry(job.kind, delivery.retries, error):
             return RetryLater(self.retry_policy.delay_ms(delivery.retries, error), description, error)
         return Failed(description, error)
 

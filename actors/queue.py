@@ -35,12 +35,14 @@ from actors.payloads import (
     salvage_identity,
 )
 from actors.reconciler import Reconciler, job_message
+from actors.retry_policy import RetryPolicy
 from actors.wiring import (
     ACTOR_KINDS,
     build_broker,
     build_runtime,
     job_metrics,
     lane_gate,
+    retry_policy,
     user_limit,
     user_throttle,
 )
@@ -78,13 +80,22 @@ class ActorOptions:
             preview_user_limit=user_limit(settings, settings.preview_user_concurrency),
         )
 
-    def for_actor(self, actor_name: str) -> dict[str, Any]:
-        """The Dramatiq actor options of one actor (read by the middleware at each delivery)."""
+    def for_actor(self, actor_name: str, policy: RetryPolicy) -> dict[str, Any]:
+        """The Dramatiq actor options of one actor (read by the middleware at each delivery): its time limit,
+        user limit, and from ``policy`` its attempt cap and the exceptions never retried."""
         if actor_name == "generate_llm_response":
-            return {"time_limit": self.generate_time_limit_ms, "user_limit": self.generate_user_limit}
+            return {
+                **policy.actor_options(JobKind.GENERATE),
+                "time_limit": self.generate_time_limit_ms,
+                "user_limit": self.generate_user_limit,
+            }
         if actor_name == "generate_preview":
-            return {"time_limit": self.preview_time_limit_ms, "user_limit": self.preview_user_limit}
-        return {}
+            return {
+                **policy.actor_options(JobKind.PREVIEW),
+                "time_limit": self.preview_time_limit_ms,
+                "user_limit": self.preview_user_limit,
+            }
+        return policy.control_actor_options()
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +113,7 @@ class JobQueue:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.options = ActorOptions.of(settings)
+        self.retry_policy = retry_policy(settings)
         self.metrics: JobMetrics | None = job_metrics(settings, stuck_probe=self._stuck_counts)
         self.lanes: LaneGate | None = lane_gate(
             settings, self.metrics, on_waiting=self._note_waiting, on_gave_up=self._give_up
@@ -110,6 +122,7 @@ class JobQueue:
         self.broker = build_broker(
             settings,
             throttle=self.throttle,
+            retry_policy=self.retry_policy,
             metrics=self.metrics,
             lanes=self.lanes,
             hand_back=lambda: self.runner.hand_back_running(),
@@ -125,7 +138,7 @@ class JobQueue:
         if self._services is None:
             with self._lock:
                 if self._services is None:
-                    store, runner, signals = build_runtime(self.settings, self.metrics, self.lanes)
+                    store, runner, signals = build_runtime(self.settings, self.retry_policy, self.metrics, self.lanes)
                     self._services = Services(store=store, runner=runner, cancel_signals=signals)
         return self._services
 

@@ -37,7 +37,7 @@ import redis
 from dramatiq.common import dq_name
 
 from admission.leases import RedisLeaseStore
-from middleware.rabbitmq import is_rabbitmq
+from brokers.rabbitmq import is_rabbitmq
 from repositories.store import Job, JobKind, JobStatus, JobStore, utcnow
 
 logger = logging.getLogger(__name__)

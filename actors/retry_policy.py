@@ -70,15 +70,9 @@ class RetryPolicy:
             return error.retryable
         return not isinstance(error, self.throws)
 
-    def should_retry(
-        self, kind: JobKind, retries_so_far: int, error: BaseException, *, max_retries: int | None = None
-    ) -> bool:
-        """Whether an attempt that failed with ``error`` gets another one.
-
-        ``max_retries`` overrides the kind's cap (a delivery that carries its actor's own cap).
-        """
-        cap = self.max_retries(kind) if max_retries is None else max_retries
-        return self.is_retryable(error) and retries_so_far < cap
+    def should_retry(self, kind: JobKind, retries_so_far: int, error: BaseException) -> bool:
+        """Whether an attempt of a ``kind`` job that failed with ``error`` gets another one."""
+        return self.is_retryable(error) and retries_so_far < self.max_retries(kind)
 
     # -- the backoff ------------------------------------------------------------------------------
 

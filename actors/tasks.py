@@ -17,7 +17,7 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage
 from pydantic import BaseModel, ValidationError
 
-from actors.jobs import Delivery, InvalidPayload, JobFailed
+from actors.jobs import Delivery, InvalidPayload
 from actors.payloads import (
     GenerateMessage,
     JobRef,
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
     from actors.queue import JobQueue
 
 logger = logging.getLogger(__name__)
-
-GENERATE_MAX_RETRIES = 3
-PREVIEW_MAX_RETRIES = 2
-_NOT_RETRIED = (JobFailed, InvalidPayload)
 
 #: The actor that runs each kind of job.
 JOB_ACTOR_NAMES = {JobKind.GENERATE: "generate_llm_response", JobKind.PREVIEW: "generate_preview"}
@@ -56,7 +52,7 @@ def bind(queue: JobQueue) -> JobQueue | None:
         previous = _bound
         for actor in ACTORS:
             actor.broker = queue.broker
-            actor.options = {**_STATIC_OPTIONS[actor.actor_name], **queue.options.for_actor(actor.actor_name)}
+            actor.options = queue.options.for_actor(actor.actor_name, queue.retry_policy)
             queue.broker.declare_actor(actor)
         dramatiq.set_broker(queue.broker)
         _bound = queue
@@ -70,7 +66,8 @@ def bound_queue() -> JobQueue:
     return _bound
 
 
-def _delivery(max_retries: int) -> Delivery:
+def _delivery() -> Delivery:
+    """The current message as the runner sees it (its attempt cap is the retry policy's for the job's kind)."""
     message = CurrentMessage.get_current_message()
     if message is None:
         raise RuntimeError("actor called outside a worker (CurrentMessage middleware missing)")
@@ -79,7 +76,6 @@ def _delivery(max_retries: int) -> Delivery:
     return Delivery(
         message_id=message.message_id,
         retries=int(message.options.get("retries", 0)),
-        max_retries=max_retries,
         requeue=lambda: broker.enqueue(message.copy()),
         requeue_later=lambda delay_ms: broker.enqueue(message.copy(), delay=delay_ms),
         **({"token": token} if token else {}),
@@ -105,7 +101,7 @@ def generate_llm_response(job_id: Any = None, user_id: Any = None, params: Any =
     """Create the job row if missing, stream the answer from the provider, and store it."""
     payload = {"job_id": job_id, "user_id": user_id, "params": params, **unexpected}
     message = _validated(GenerateMessage, payload, JobKind.GENERATE)
-    bound_queue().runner.run_generation(message, _delivery(GENERATE_MAX_RETRIES))
+    bound_queue().runner.run_generation(message, _delivery())
 
 
 @dramatiq.actor(queue_name="llm_preview", broker=_UNBOUND)
@@ -115,7 +111,7 @@ def generate_preview(
     """Make a tile preview: short content as is, long content summarised by the fast preview model."""
     payload = {"job_id": job_id, "user_id": user_id, "title": title, "content": content, **unexpected}
     message = _validated(PreviewMessage, payload, JobKind.PREVIEW)
-    bound_queue().runner.run_preview(message, _delivery(PREVIEW_MAX_RETRIES))
+    bound_queue().runner.run_preview(message, _delivery())
 
 
 @dramatiq.actor(queue_name="llm_control", broker=_UNBOUND)
@@ -152,10 +148,3 @@ ACTORS: tuple[dramatiq.Actor[..., Any], ...] = (
     cancel_llm_job,
     cleanup_old_jobs,
 )
-#: The options of each actor that no setting changes: its retries and what is never retried.
-_STATIC_OPTIONS: dict[str, dict[str, Any]] = {
-    "generate_llm_response": {"max_retries": GENERATE_MAX_RETRIES, "throws": _NOT_RETRIED},
-    "generate_preview": {"max_retries": PREVIEW_MAX_RETRIES, "throws": _NOT_RETRIED},
-    "cancel_llm_job": {"max_retries": 3, "throws": (InvalidPayload,)},
-    "cleanup_old_jobs": {"max_retries": 3, "throws": (InvalidPayload,)},
-}

@@ -14,7 +14,6 @@ from dramatiq.middleware import (
     Callbacks,
     CurrentMessage,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
@@ -22,21 +21,23 @@ from dramatiq.rate_limits.backends import RedisBackend as RateLimitRedisBackend
 from pydantic import SecretStr
 
 from actors.cancellation import CancelSignals
-from actors.jobs import PREVIEW_INPUT_CHARS, PREVIEW_MAX_CHARS, PREVIEW_PROMPT, JobRunner, RetryPolicy
+from actors.jobs import PREVIEW_INPUT_CHARS, PREVIEW_MAX_CHARS, PREVIEW_PROMPT, JobRunner
+from actors.retry_policy import RetryPolicy
 from admission.lane_gate import LaneGate
 from admission.lane_store import RedisLaneStore
 from admission.lanes import LaneBook, LaneTicket, estimate_prompt_tokens, parse_lanes
 from admission.metrics import LaneGauges
+from brokers.rabbitmq import RabbitmqJobBroker, rabbitmq_broker
+from brokers.waking_redis import WakingRedisBroker
 from middleware.attempts import AttemptTokens
 from middleware.bad_messages import MalformedMessages, RedactTracebacks
 from middleware.graceful_shutdown import GracefulShutdown
 from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
 from middleware.log_format import LogFormat
 from middleware.metrics import JobMetrics
-from middleware.rabbitmq import RabbitmqJobBroker, rabbitmq_broker
 from middleware.startup import ConfigurationCheck
 from middleware.throttle import UserThrottle
-from middleware.worker_tuning import WakingRedisBroker, WorkerTuning
+from middleware.worker_tuning import WorkerTuning
 from repositories.chat import ChatProvider
 from repositories.live_text import LiveText, RedisLiveText
 from repositories.migrations import upgrade_database
@@ -57,13 +58,14 @@ def build_broker(
     settings: Settings,
     *,
     throttle: UserThrottle,
+    retry_policy: RetryPolicy,
     metrics: JobMetrics | None = None,
     lanes: LaneGate | None = None,
     hand_back: Callable[[], object],
     on_malformed: Callable[[Any, str], None],
 ) -> WakingRedisBroker | RabbitmqJobBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages, or
-    with ``BROKER_URL=amqp://...`` a RabbitMQ broker with the same middleware (``middleware.rabbitmq``).
+    with ``BROKER_URL=amqp://...`` a RabbitMQ broker with the same middleware (``brokers.rabbitmq``).
 
     ``hand_back`` gives the running jobs back to the queue at shutdown; ``on_malformed`` fails the job of a
     message the actor cannot take."""
@@ -83,11 +85,7 @@ def build_broker(
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        Retries(
-            max_retries=3,
-            min_backoff=settings.retry_min_backoff_ms,
-            max_backoff=settings.retry_max_backoff_ms,
-        ),
+        retry_policy.retries_middleware(),
         CurrentMessage(),
         WorkerTuning(prefetch_per_thread=1, poll_interval_ms=settings.worker_poll_interval_ms),
         LogFormat(log_format=settings.log_format),
@@ -220,8 +218,16 @@ def live_text(settings: Settings) -> LiveText | None:
     return RedisLiveText(client, ended_ttl_s=settings.live_text_ttl_s)
 
 
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The one retry policy: the contract's attempt caps, its classification, and the backoff bounds of the settings."""
+    return RetryPolicy(min_backoff_ms=settings.retry_min_backoff_ms, max_backoff_ms=settings.retry_max_backoff_ms)
+
+
 def build_runtime(
-    settings: Settings, metrics: JobMetrics | None = None, lanes: LaneGate | None = None
+    settings: Settings,
+    policy: RetryPolicy,
+    metrics: JobMetrics | None = None,
+    lanes: LaneGate | None = None,
 ) -> tuple[JobStore, JobRunner, CancelSignals | None]:
     """The job store (migrated when ``AUTO_MIGRATE`` is on), the job runner and the cancel signals."""
     engine = create_store_engine(
@@ -239,7 +245,7 @@ def build_runtime(
         provider_factory=functools.cache(lambda: build_provider(settings)),
         preview_provider_factory=functools.cache(lambda: build_preview_provider(settings)),
         preview_model=settings.preview_model,
-        retry_policy=RetryPolicy(settings.retry_min_backoff_ms, settings.retry_max_backoff_ms),
+        retry_policy=policy,
         progress_interval_s=settings.progress_interval_ms / 1000,
         lease_s=settings.job_lease_s,
         generate_timeout_s=settings.generate_timeout_s,

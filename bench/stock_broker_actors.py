@@ -8,7 +8,8 @@ from __future__ import annotations
 from dramatiq.brokers.redis import DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_MAINTENANCE_CHANCE
 
 import actors
-from middleware.worker_tuning import WakingRedisBroker, WorkerTuning
+from brokers.waking_redis import WakingRedisBroker
+from middleware.worker_tuning import WorkerTuning
 
 if not isinstance(actors.broker, WakingRedisBroker):
     raise SystemExit("bench/recovery.py measures the Redis broker: unset BROKER_URL")

@@ -18,7 +18,8 @@ from dramatiq.rate_limits.backends import RedisBackend
 import actors
 from actors.jobs import InvalidPayload, JobFailed
 from actors.queue import current
-from actors.tasks import GENERATE_MAX_RETRIES, _delivery
+from actors.retry_policy import GENERATE_MAX_RETRIES
+from actors.tasks import _delivery
 from middleware.throttle import UserThrottle
 
 DELIVERIES_KEY = "bench:deliveries"
@@ -52,4 +53,4 @@ def generate_naive(job_id: str, user_id: str, params: dict[str, Any]) -> None:
     message = GenerateMessage(job_id=job_id, user_id=user_id, params=params)
     limiter = ConcurrentRateLimiter(_backend, f"bench-naive:{user_id}", limit=NAIVE_LIMIT)  # type: ignore[no-untyped-call]
     with limiter.acquire(raise_on_failure=True):
-        current().runner.run_generation(message, _delivery(GENERATE_MAX_RETRIES))
+        current().runner.run_generation(message, _delivery())

@@ -16,7 +16,7 @@ import pytest
 
 import actors
 from actors.queue import JobQueue, current
-from middleware.rabbitmq import is_rabbitmq
+from brokers.rabbitmq import is_rabbitmq
 from repositories.store import Job, JobStatus, JobStore
 from settings import Settings
 from tests.conftest import database_url_for

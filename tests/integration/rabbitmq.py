@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from urllib.parse import quote
 
 from actors.queue import JobQueue
-from middleware.rabbitmq import RabbitmqJobBroker
+from brokers.rabbitmq import RabbitmqJobBroker
 from settings import Settings
 from tests.integration.message_ledger import MessageLedger
 from tests.services import port_open

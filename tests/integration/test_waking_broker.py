@@ -10,7 +10,7 @@ from typing import Any
 import dramatiq
 import pytest
 
-from middleware.worker_tuning import WakingRedisBroker
+from brokers.waking_redis import WakingRedisBroker
 from tests.conftest import TEST_REDIS_URL, unique
 from tests.harness import wait_until
 

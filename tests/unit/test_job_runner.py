@@ -38,7 +38,6 @@ def delivery(retries: int = 0, requeued: list[str] | None = None) -> Delivery:
     return Delivery(
         message_id="msg-1",
         retries=retries,
-        max_retries=3,
         requeue=(lambda: requeued.append("again")) if requeued is not None else None,
     )
 

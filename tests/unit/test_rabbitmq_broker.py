@@ -7,9 +7,11 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 
 from actors.queue import JobQueue
-from middleware.rabbitmq import RabbitmqJobBroker, RabbitmqTuning, is_rabbitmq
+from brokers.rabbitmq import RabbitmqJobBroker, is_rabbitmq
+from brokers.waking_redis import WakingRedisBroker
+from middleware.rabbitmq import RabbitmqTuning
 from middleware.throttle import UserThrottle
-from middleware.worker_tuning import WakingRedisBroker, WorkerTuning
+from middleware.worker_tuning import WorkerTuning
 from settings import ConfigurationError, Settings, load_settings
 
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"

@@ -33,12 +33,6 @@ def test_a_final_error_is_never_retried_even_with_retries_left() -> None:
     assert not POLICY.should_retry(JobKind.GENERATE, 0, InvalidPayload("x"))
 
 
-def test_an_explicit_cap_overrides_the_kind_cap() -> None:
-    error = RuntimeError("hiccup")
-    assert POLICY.should_retry(JobKind.PREVIEW, 2, error, max_retries=3)
-    assert not POLICY.should_retry(JobKind.GENERATE, 1, error, max_retries=1)
-
-
 def test_unknown_failures_are_retried_and_the_throws_are_not() -> None:
     assert POLICY.is_retryable(RuntimeError("x"))
     assert not POLICY.is_retryable(JobFailed("x"))

@@ -1,0 +1,1 @@
+"""The message brokers: Redis (the default) and RabbitMQ (``BROKER_URL=amqp://...``)."""

@@ -263,8 +263,8 @@ class JobQueue:
         self, job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], payload: dict[str, Any]
     ) -> None:
         """Write the pending row, then send the message; a row whose message never left is sent again."""
-        store = self.store
         with _store_errors():
+            store = self.store  # built on first use: a store down then is unavailable like any other time
             created = store.create(job_id=job_id, user_id=user_id, kind=kind, request=request)
             existing = None if created else store.get(job_id)
         if not created:

@@ -236,7 +236,11 @@ def build_runtime(
         statement_timeout_s=settings.database_statement_timeout_s,
     )
     if settings.auto_migrate:
-        upgrade_database(engine)
+        try:
+            upgrade_database(engine)
+        except Exception:
+            engine.dispose()  # built again on the next use
+            raise
     store = JobStore(engine)
     signals = CancelSignals(redis_client(settings)) if settings.cancel_signals else None
     runner = JobRunner(

@@ -14,6 +14,7 @@ def queue_on(settings: Settings) -> Iterator[JobQueue]:
     """``enqueue_*``, ``get_job``, ``cancel_job`` and the actors use a queue built from ``settings`` inside the
     block; the queue bound before is bound again after it."""
     queue = JobQueue(settings)
+    queue.services()  # the store migrated and the signals connected now, as a process's first job would
     try:
         with queue.bound():
             yield queue

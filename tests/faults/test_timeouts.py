@@ -150,3 +150,25 @@ def test_a_consumer_reports_a_silent_redis_as_a_lost_connection(tmp_path: Any) -
         with pytest.raises(ConnectionClosed):
             next(consumer)
         broker.close()
+
+
+def test_a_store_down_when_the_queue_first_uses_it_is_unavailable_like_any_other_time(postgres_database: str) -> None:
+    with TcpProxy("127.0.0.1", 5432) as proxy:
+        # Given a queue that has not opened its store yet (it does on first use), and a server that refuses
+        settings = Settings(
+            database_url=proxy.rewrite_url(postgres_database),
+            database_connect_timeout_s=CONNECT_S,
+            database_statement_timeout_s=STATEMENT_S,
+            cancel_signals=False,
+        )
+        queue = JobQueue(settings)
+        proxy.set_mode("refuse")
+        try:
+            # Then the first calls, which build the store, fail with the same clear error
+            _raises_within_bound(lambda: queue.enqueue_generation("u1", PARAMS, job_id=unique("job")))
+            _raises_within_bound(lambda: queue.get_job(unique("job")))
+            # And once the server answers, the same queue works
+            proxy.set_mode("pass")
+            assert queue.get_job(unique("job")) is None
+        finally:
+            queue.close()

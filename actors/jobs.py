@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from actors.cancellation import CancelSignals, CancelWatch
+from actors.observer import JobObserver, NullObserver
 from actors.outcomes import (
     Answer,
     Attempt,
@@ -36,7 +37,6 @@ from actors.retry_policy import InvalidPayload as InvalidPayload
 from actors.retry_policy import JobFailed as JobFailed
 from actors.retry_policy import RetryPolicy as RetryPolicy
 from admission.lanes import estimate_text_tokens
-from middleware.metrics import JobObserver
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
 from repositories.live_text import LiveText
@@ -115,7 +115,7 @@ class JobRunner:
         lanes: LaneGate | None = None,
     ) -> None:
         self.store = store
-        self.observer: JobObserver = observer or JobObserver()
+        self.observer: JobObserver = observer or NullObserver()
         self.live_text = live_text or LiveText()
         self.lanes = lanes
         """Provider lanes: asked right before a request leaves, told of a 429/529 and of the tokens used."""

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, assert_never
 
 from dramatiq.errors import Retry
 
+from actors.observer import JobObserver
 from actors.retry_policy import JobFailed
-from middleware.metrics import JobObserver
 from repositories.chat import Finished
 from repositories.store import Job, JobStore, utcnow
 

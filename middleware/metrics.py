@@ -22,29 +22,7 @@ WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 360
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900)
 
 
-class JobObserver:
-    """What the job runner reports about jobs; this base observer ignores it all (metrics off)."""
-
-    def job_started(self, kind: str, wait_s: float) -> None:
-        """A job's first attempt began ``wait_s`` seconds after it was created."""
-
-    def attempt_finished(
-        self,
-        kind: str,
-        provider: str,
-        outcome: str,
-        duration_s: float,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        cost: float | None = None,
-    ) -> None:
-        """One provider attempt ended (``completed``, ``retried``, ``failed``, ``cancelled``, ``handed_back``)."""
-
-    def job_finished(self, kind: str, provider: str, status: str) -> None:
-        """A job reached a final status."""
-
-
-class JobMetrics(dramatiq.Middleware, JobObserver):
+class JobMetrics(dramatiq.Middleware):
     """Creates the job metrics in each worker process (after Dramatiq's ``Prometheus`` set multiprocess mode).
 
     It is also the job runner's observer, and the throttle's sink for the waiting gauge.

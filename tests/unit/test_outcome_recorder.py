@@ -11,6 +11,7 @@ import pytest
 from dramatiq.errors import Retry
 
 from actors.jobs import Delivery
+from actors.observer import NullObserver
 from actors.outcomes import (
     Answer,
     Attempt,
@@ -24,14 +25,13 @@ from actors.outcomes import (
 )
 from actors.retry_policy import JobFailed
 from admission.lane_gate import LaneWait
-from middleware.metrics import JobObserver
 from repositories.chat import Finished, Usage
 from repositories.errors import Rejected, Unavailable
 from repositories.store import Job, JobKind, JobStatus, JobStore
 from tests.conftest import unique
 
 
-class RecordingObserver(JobObserver):
+class RecordingObserver(NullObserver):
     def __init__(self) -> None:
         self.attempts: list[tuple[str, str, str]] = []
         self.tokens: list[tuple[int, int, float | None]] = []

@@ -1,0 +1,53 @@
+"""What the job runner reports about jobs, for whoever watches: metrics or nobody.
+
+``middleware.metrics.JobMetrics`` is such an observer. It matches the protocol without importing it: it is
+a Dramatiq middleware below ``actors``, and importing ``actors`` builds the default queue.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class JobObserver(Protocol):
+    """What the job runner reports about jobs."""
+
+    def job_started(self, kind: str, wait_s: float) -> None:
+        """A job's first attempt began ``wait_s`` seconds after it was created."""
+
+    def attempt_finished(
+        self,
+        kind: str,
+        provider: str,
+        outcome: str,
+        duration_s: float,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost: float | None = None,
+    ) -> None:
+        """One provider attempt ended (``completed``, ``retried``, ``failed``, ``cancelled``, ``handed_back``)."""
+
+    def job_finished(self, kind: str, provider: str, status: str) -> None:
+        """A job reached a final status."""
+
+
+class NullObserver:
+    """The observer when metrics are off: it ignores everything."""
+
+    def job_started(self, kind: str, wait_s: float) -> None:
+        """Ignored."""
+
+    def attempt_finished(
+        self,
+        kind: str,
+        provider: str,
+        outcome: str,
+        duration_s: float,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost: float | None = None,
+    ) -> None:
+        """Ignored."""
+
+    def job_finished(self, kind: str, provider: str, status: str) -> None:
+        """Ignored."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import redis
 
@@ -232,6 +232,15 @@ class RedisLeaseStore:
         self._renew = client.register_script(_RENEW)
         self._take_out = client.register_script(_TAKE_OUT)
 
+    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """Run a script, once more at once if the connection broke: a pooled connection that died with an
+        earlier outage (or a Redis restart) fails once before the pool replaces it. Every script here is
+        safe to run twice (a holder keeps its own slot, an id already in line is not parked again)."""
+        try:
+            return script(keys=keys, args=args)
+        except redis.ConnectionError:
+            return script(keys=keys, args=args)
+
     @property
     def client(self) -> redis.Redis:
         """The Redis client this store uses."""
@@ -275,8 +284,9 @@ class RedisLeaseStore:
         handoff: str | None = None,
     ) -> bool:
         """Take or keep a slot (or the one handed to ``handoff``); when full, park the entry."""
-        result = self._acquire(
-            keys=[
+        result = self._run(
+            self._acquire,
+            [
                 self._leases(key),
                 self._line(key),
                 self._bodies(key),
@@ -284,7 +294,7 @@ class RedisLeaseStore:
                 self._parked_keys,
                 self._limits,
             ],
-            args=[
+            [
                 now_ms(),
                 lease_ms,
                 limit,
@@ -300,14 +310,15 @@ class RedisLeaseStore:
     def park_behind(self, key: str, park: Parked) -> bool:
         """Join the key's line of parked entries, if it has one."""
         keys = [self._line(key), self._bodies(key), self.parked_index_key, self._parked_keys]
-        return bool(self._park_behind(keys=keys, args=[park.id, park.body, key]))
+        return bool(self._run(self._park_behind, keys, [park.id, park.body, key]))
 
     def release(self, key: str, holder: str | None, *, limit: int, lease_ms: int) -> list[Parked]:
         """Free a slot and hand free slots to parked entries, oldest first."""
         flat = cast(
             list[bytes],
-            self._release(
-                keys=[
+            self._run(
+                self._release,
+                [
                     self._leases(key),
                     self._line(key),
                     self._bodies(key),
@@ -315,7 +326,7 @@ class RedisLeaseStore:
                     self._parked_keys,
                     self.handoffs_key,
                 ],
-                args=[now_ms(), lease_ms, limit, holder or "", key],
+                [now_ms(), lease_ms, limit, holder or "", key],
             )
             or [],
         )
@@ -326,9 +337,10 @@ class RedisLeaseStore:
         if not leases:
             return
         now = now_ms()
-        self._renew(
-            keys=[self._leases(key) for key, _ in leases],
-            args=[now, now + lease_ms, lease_ms, "1" if recreate else "0", *[holder for _, holder in leases]],
+        self._run(
+            self._renew,
+            [self._leases(key) for key, _ in leases],
+            [now, now + lease_ms, lease_ms, "1" if recreate else "0", *[holder for _, holder in leases]],
         )
 
     def epoch(self) -> str:
@@ -356,7 +368,7 @@ class RedisLeaseStore:
         """One script: find the entry's line in the index, remove it from the line and its body."""
         keys = [self.parked_index_key, self._parked_keys]
         args = [f"{self._ns}:parked:", f"{self._ns}:parked-bodies:", entry_id]
-        return bool(self._take_out(keys=keys, args=args))
+        return bool(self._run(self._take_out, keys, args))
 
     def handed_off(self, entry_id: str) -> None:
         """Drop the safety copy of a handed-off entry."""

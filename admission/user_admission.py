@@ -75,6 +75,7 @@ class UserAdmission:
         self._held: dict[str, tuple[str, int]] = {}
         self._unreleased: list[tuple[str, str, int]] = []
         self._backend_down = False
+        self._answered_at = 0.0  # monotonic: when the backend last answered again after an outage
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -103,12 +104,13 @@ class UserAdmission:
         """
         wait_s = 0.1
         while True:
+            started = time.monotonic()
             try:
                 self._admit(broker, message)
             except SkipMessage:
                 raise
             except Exception as exc:
-                self._backend_failed("taking a slot", exc)
+                self._backend_failed("taking a slot", exc, started)
             else:
                 self._backend_answered()
                 return
@@ -212,12 +214,13 @@ class UserAdmission:
 
     def _try_release(self, broker: dramatiq.Broker, key: str, holder: str, limit: int) -> bool:
         """Release one slot; a failed release is kept and retried by the maintenance thread, not left to expire."""
+        started = time.monotonic()
         try:
             handed = self.leases.release(key, holder, limit=limit, lease_ms=self.lease_ms)
         except Exception as exc:
             with self._lock:
                 self._unreleased.append((key, holder, limit))
-            self._backend_failed("releasing a slot", exc)
+            self._backend_failed("releasing a slot", exc, started)
             return False
         self._backend_answered()
         try:
@@ -237,8 +240,12 @@ class UserAdmission:
         if pending:
             logger.info("released %d throttle slots kept over a backend outage", len(pending))
 
-    def _backend_failed(self, doing: str, exc: Exception) -> None:
+    def _backend_failed(self, doing: str, exc: Exception, started: float) -> None:
+        """Note a failed call (logged once per outage); one that began before the backend last answered again
+        belongs to the outage already over (a slow call's retries outlasting it), and changes nothing."""
         with self._lock:
+            if started < self._answered_at:
+                return
             first, self._backend_down = not self._backend_down, True
         if first:
             logger.warning(
@@ -251,6 +258,8 @@ class UserAdmission:
         if self._backend_down:
             with self._lock:
                 recovered, self._backend_down = self._backend_down, False
+                if recovered:
+                    self._answered_at = time.monotonic()
             if recovered:
                 logger.info("throttle backend answers again")
 

@@ -20,8 +20,11 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage, Retries
 
 from actors.wiring import redis_client
-from middleware.limiters import ConcurrencyLimit, RedisLeaseStore
-from middleware.throttle import UserThrottle
+from admission.keys import job_key
+from admission.leases import RedisLeaseStore
+from admission.limits import ConcurrencyLimit
+from admission.throttle import UserThrottle
+from admission.user_admission import UserAdmission
 from settings import Settings
 from tests.conftest import TEST_REDIS_URL, unique
 from tests.harness import wait_until
@@ -34,12 +37,19 @@ class Setup:
         self.pool = redis.BlockingConnectionPool.from_url(TEST_REDIS_URL, max_connections=1, timeout=0.2)
         self.client = redis.Redis(connection_pool=self.pool)
         self.namespace = unique("throttle-pool")
-        self.throttle = UserThrottle(
-            leases=RedisLeaseStore(self.client, namespace=self.namespace), lease_ms=30_000, sweep_interval_ms=100
+        self.admission = UserAdmission(
+            leases=RedisLeaseStore(self.client, namespace=self.namespace),
+            key_of=job_key,
+            lease_ms=30_000,
+            sweep_interval_ms=100,
+            backend_down_delay_ms=200,
         )
-        self.throttle.BACKEND_DOWN_DELAY_MS = 200
         self.broker = StubBroker(
-            middleware=[self.throttle, CurrentMessage(), Retries(max_retries=3, min_backoff=10, max_backoff=50)]
+            middleware=[
+                UserThrottle(self.admission),
+                CurrentMessage(),
+                Retries(max_retries=3, min_backoff=10, max_backoff=50),
+            ]
         )
         self.broker.emit_after("process_boot")
         self.runs: list[tuple[str, int]] = []
@@ -88,7 +98,7 @@ def test_a_job_never_runs_without_a_slot_when_the_pool_is_exhausted(
     # Given every connection of the throttle's pool busy
     held = setup.pool.get_connection()  # type: ignore[no-untyped-call]
     actor.send("j1", "u1")
-    with caplog.at_level(logging.WARNING, logger="middleware.throttle"):
+    with caplog.at_level(logging.WARNING, logger="admission.user_admission"):
         setup.start()
         # When the worker tries to take the job's slot (or, wrongly, runs the job without one)
         wait_until(
@@ -117,7 +127,7 @@ def test_a_slot_whose_release_failed_is_released_once_redis_answers(
         held.append(setup.pool.get_connection())  # type: ignore[no-untyped-call]
 
     actor = dramatiq.actor(broker=setup.broker, actor_name="work", user_limit=ConcurrencyLimit(1), max_retries=3)(work)
-    with caplog.at_level(logging.WARNING, logger="middleware.throttle"):
+    with caplog.at_level(logging.WARNING, logger="admission.user_admission"):
         actor.send("j1", "u1")
         setup.start()
         wait_until(lambda: "while releasing a slot" in caplog.text, timeout=10, what="the release to fail")

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 import actors
 from actors import api as actors_api
+from actors.payloads import describe_validation_error
 from actors.queue import current
 from actors.reconciler import Reconciler
 from actors.wiring import lane_book
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail(exc.message)
         return exc.exit_code
     except ValidationError as exc:
-        _fail(f"error: {describe_validation_error(exc)}")
+        _fail("error: " + describe_validation_error(exc, what="input"))
         return EXIT_USAGE
     except ValueError as exc:
         _fail(f"error: {_one_line(str(exc))}")
@@ -235,7 +236,8 @@ def _submit(args: argparse.Namespace) -> int:
     try:
         job_id = actors.enqueue_generation(user_id=args.user, params=params, job_id=args.job_id)
     except ValidationError as exc:
-        raise CommandError(f"{PROG} submit: {describe_validation_error(exc, SUBMIT_OPTIONS)}", EXIT_USAGE) from None
+        reason = describe_validation_error(exc, what="input", options=SUBMIT_OPTIONS)
+        raise CommandError(f"{PROG} submit: {reason}", EXIT_USAGE) from None
     if not args.wait:
         print(job_id)
         return EXIT_OK
@@ -474,18 +476,6 @@ def _exit_status(job: Job) -> int:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def describe_validation_error(error: ValidationError, options: Mapping[str, str] | None = None) -> str:
-    """One line naming each bad field (and its option, when known) without echoing the input."""
-    problems = []
-    for item in error.errors(include_input=False, include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "input"
-        option = next(
-            (flag for name, flag in (options or {}).items() if field == name or field.startswith(name + ".")), None
-        )
-        problems.append(f"{option} ({field}): {item['msg']}" if option else f"{field}: {item['msg']}")
-    return "invalid input: " + "; ".join(problems)
 
 
 def _parse_messages(text: str) -> list[Any]:

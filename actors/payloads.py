@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError, ValidationInfo, field_validator
@@ -89,13 +90,21 @@ class JobRef(BaseModel):
     user_id: UserId
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line naming each bad field and what is wrong, without echoing the input (it may be a prompt)."""
+def describe_validation_error(
+    error: ValidationError, *, what: str = "payload", options: Mapping[str, str] | None = None
+) -> str:
+    """One line naming each bad field and what is wrong, without echoing the input (it may be a prompt).
+
+    ``what`` names the input (``invalid <what>: ...``); ``options`` maps field names to the command-line
+    options that set them, shown with the field (``--model (params.model): ...``)."""
     problems = []
     for item in error.errors(include_input=False, include_url=False):
-        field = ".".join(str(part) for part in item["loc"]) or "payload"
-        problems.append(f"{field}: {item['msg']}")
-    return "invalid payload: " + "; ".join(problems)
+        field = ".".join(str(part) for part in item["loc"]) or what
+        option = next(
+            (flag for name, flag in (options or {}).items() if field == name or field.startswith(name + ".")), None
+        )
+        problems.append(f"{option} ({field}): {item['msg']}" if option else f"{field}: {item['msg']}")
+    return f"invalid {what}: " + "; ".join(problems)
 
 
 def salvage_identity(payload: dict[str, Any]) -> tuple[str | None, str]:

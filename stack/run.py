@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shlex
 import signal
 import socket
@@ -22,6 +21,7 @@ import httpx
 from sqlalchemy.engine import make_url
 
 from repositories.migrations import upgrade_database
+from repositories.redaction import redacted_url
 from repositories.store import create_store_engine
 from settings import ConfigurationError, ProviderName, Settings
 from stack.embedded_redis import EmbeddedValkey, redis_answers
@@ -40,8 +40,6 @@ from stack.processes import ChildProcess, Console, describe_exit, stop_children
 logger = logging.getLogger(__name__)
 
 #: ``scheme://user:PASSWORD@`` and ``?password=PASSWORD`` in a database or Redis URL.
-_USERINFO_PASSWORD = re.compile(r"^(?P<before>[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*:)[^/?#@]*(?=@)")
-_QUERY_PASSWORD = re.compile(r"(?<=[?&]password=)[^&#]*")
 
 SignalHandler = Callable[[int, FrameType | None], Any] | int | None
 DemoMode = Literal["off", "serve", "exit"]
@@ -113,12 +111,6 @@ class ShutdownSignals:
         # against the main thread it interrupts.
         self.received += 1
         self.last = signal.Signals(signum)
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with any password (in the user info or a ``password`` query parameter) replaced by ``***``."""
-    url = _USERINFO_PASSWORD.sub(r"\g<before>***", url, count=1)
-    return _QUERY_PASSWORD.sub("***", url)
 
 
 def absolute_database_url(url: str, *, base: Path) -> str:

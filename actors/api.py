@@ -11,7 +11,7 @@ from typing import Any
 from actors.payloads import GenerationParams
 from actors.queue import current
 from actors.reconciler import Reconciler
-from middleware.limiters import UserLoad
+from admission.leases import UserLoad
 from repositories.store import Job
 
 

@@ -1,6 +1,6 @@
 """The composition root: one ``JobQueue``, built from ``Settings`` at the entry point, owns every object.
 
-A ``JobQueue`` holds the broker (with its middleware), the admission objects (the user throttle and
+A ``JobQueue`` holds the broker (with its middleware), the admission objects (per-user admission and
 the provider lanes), the actor options, and, built on first use so that constructing it opens no
 connection, the job store, the job runner and the cancel signals. Its methods are the web-facing API.
 
@@ -43,13 +43,14 @@ from actors.wiring import (
     job_metrics,
     lane_gate,
     retry_policy,
+    user_admission,
     user_limit,
-    user_throttle,
 )
 from admission.lane_gate import LaneGate
-from middleware.limiters import RedisLeaseStore, UserLimit, UserLoad
+from admission.leases import RedisLeaseStore, UserLoad
+from admission.limits import UserLimit
+from admission.user_admission import UserAdmission
 from middleware.metrics import JobMetrics
-from middleware.throttle import UserThrottle
 from repositories.sql_deadline import store_unavailable
 from repositories.store import Job, JobKind, JobStatus, JobStore
 from settings import Settings
@@ -118,10 +119,10 @@ class JobQueue:
         self.lanes: LaneGate | None = lane_gate(
             settings, self.metrics, on_waiting=self._note_waiting, on_gave_up=self._give_up
         )
-        self.throttle: UserThrottle = user_throttle(settings, self.metrics)
+        self.admission: UserAdmission = user_admission(settings, self.metrics)
         self.broker = build_broker(
             settings,
-            throttle=self.throttle,
+            admission=self.admission,
             retry_policy=self.retry_policy,
             metrics=self.metrics,
             lanes=self.lanes,
@@ -213,12 +214,12 @@ class JobQueue:
 
     def cancel(self, job_id: str, user_id: str) -> bool:
         """Cancel the user's pending or processing job, signal the worker running it, and take the job out
-        of the throttle's line if it waits there."""
+        of its user's line if it waits there (one call)."""
         signals = self.services().cancel_signals
         if not cancel(self.store, job_id, user_id, publish=signals.publish if signals is not None else None):
             return False
         try:
-            self.throttle.drop_parked(self.broker, job_id, user_id)
+            self.admission.take_out(job_id)
         except Exception:
             # The cancel is committed: a parked message left behind is dropped when its slot comes.
             logger.warning("could not take a cancelled job out of the throttle's line", exc_info=True)
@@ -236,11 +237,11 @@ class JobQueue:
 
     def user_loads(self) -> list[UserLoad]:
         """Jobs running and waiting for a throttle slot, per actor and user, across every worker."""
-        return self.throttle.loads()
+        return self.admission.loads()
 
     def reconciler(self, *, pending_after_s: float = 60.0, lease_s: float | None = None) -> Reconciler:
         """The reconciler of this queue's store and broker, with the given bounds in seconds."""
-        leases = self.throttle.leases if isinstance(self.throttle.leases, RedisLeaseStore) else None
+        leases = self.admission.leases if isinstance(self.admission.leases, RedisLeaseStore) else None
         return Reconciler(
             store=self.store,
             broker=self.broker,
@@ -289,12 +290,9 @@ class JobQueue:
         logger.info("job enqueued", extra={"job_id": job_id, "user_id": user_id, "kind": str(kind)})
 
     def _send(self, message: dramatiq.Message[Any], delay_ms: int = 0) -> None:
-        """Enqueue ``message`` (after ``delay_ms``), or park it behind its user's throttled backlog: a user
-        with parked jobs is at its limit, so a worker would only fetch this message to park it."""
-        if delay_ms > 0:
-            self.broker.enqueue(message, delay=delay_ms)
-        elif not self.throttle.park_behind_backlog(self.broker, message):
-            self.broker.enqueue(message)
+        """Enqueue ``message`` (after ``delay_ms``); the broker parks an undelayed one behind its user's line
+        when there is one (``admission.sending``), as it does for ``actor.send()``."""
+        self.broker.enqueue(message, delay=delay_ms or None)
 
     def _record_malformed(self, message: Any, reason: str) -> None:
         """Fail the job a malformed message names (when it names one usably) with the reason."""

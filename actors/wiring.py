@@ -23,16 +23,19 @@ from pydantic import SecretStr
 from actors.cancellation import CancelSignals
 from actors.jobs import PREVIEW_INPUT_CHARS, PREVIEW_MAX_CHARS, PREVIEW_PROMPT, JobRunner
 from actors.retry_policy import RetryPolicy
+from admission.keys import job_key
 from admission.lane_gate import LaneGate
 from admission.lane_store import RedisLaneStore
 from admission.lanes import LaneBook, LaneTicket, estimate_prompt_tokens, parse_lanes
+from admission.leases import RedisLeaseStore
+from admission.limits import BucketLimit, ConcurrencyLimit, StartRateGate, UserLimit, WindowLimit
 from admission.metrics import LaneGauges
+from admission.user_admission import UserAdmission
 from brokers.rabbitmq import RabbitmqJobBroker, rabbitmq_broker
 from brokers.waking_redis import WakingRedisBroker
 from middleware.attempts import AttemptTokens
 from middleware.bad_messages import MalformedMessages, RedactTracebacks
 from middleware.graceful_shutdown import GracefulShutdown
-from middleware.limiters import BucketLimit, ConcurrencyLimit, RedisLeaseStore, StartRateGate, UserLimit, WindowLimit
 from middleware.log_format import LogFormat
 from middleware.metrics import JobMetrics
 from middleware.startup import ConfigurationCheck
@@ -57,7 +60,7 @@ MAINTENANCE_CHANCE = 100_000
 def build_broker(
     settings: Settings,
     *,
-    throttle: UserThrottle,
+    admission: UserAdmission,
     retry_policy: RetryPolicy,
     metrics: JobMetrics | None = None,
     lanes: LaneGate | None = None,
@@ -77,7 +80,7 @@ def build_broker(
         # Before the throttle: each delivery's fresh token holds its slot and fences its job row.
         AttemptTokens(),
         # First after it, so that whatever skips a message later still finds its throttle slot released.
-        throttle,
+        UserThrottle(admission),
         # After the user throttle: a job takes its user's slot first, then its provider lane's.
         *([lanes] if lanes is not None else []),
         AgeLimit(),
@@ -102,13 +105,19 @@ def build_broker(
         # multiprocess mode at process boot before JobMetrics creates its metrics.
         middleware += [metrics, Prometheus()]
     if settings.broker_url is not None:
-        return rabbitmq_broker(settings.broker_url.get_secret_value(), client, middleware)
-    return WakingRedisBroker(
-        client=redis_client(settings),
-        middleware=middleware,
-        heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
-        maintenance_chance=MAINTENANCE_CHANCE,
-    )
+        broker: WakingRedisBroker | RabbitmqJobBroker = rabbitmq_broker(
+            settings.broker_url.get_secret_value(), client, middleware
+        )
+    else:
+        broker = WakingRedisBroker(
+            client=redis_client(settings),
+            middleware=middleware,
+            heartbeat_timeout=settings.broker_heartbeat_timeout_ms,
+            maintenance_chance=MAINTENANCE_CHANCE,
+        )
+    # Every undelayed send, ``actor.send()`` included, joins the back of its user's line when there is one.
+    broker.admission = admission
+    return broker
 
 
 def redis_client(settings: Settings) -> redis.Redis:
@@ -136,11 +145,13 @@ def register_configured_secrets(settings: Settings) -> None:
 ACTOR_KINDS = {"generate_llm_response": JobKind.GENERATE, "generate_preview": JobKind.PREVIEW}
 
 
-def user_throttle(settings: Settings, metrics: JobMetrics | None = None) -> UserThrottle:
-    """The per-user throttle: concurrency slots and parked lines in Redis, window and bucket limits too."""
+def user_admission(settings: Settings, metrics: JobMetrics | None = None) -> UserAdmission:
+    """Per-user admission: concurrency slots and parked lines in Redis, window and bucket limits too, each
+    message limited by the user ``admission.keys.job_key`` reads from it."""
     client = redis_client(settings)
-    return UserThrottle(
+    return UserAdmission(
         leases=RedisLeaseStore(client),
+        key_of=job_key,
         gate=StartRateGate(RateLimitRedisBackend(client=client)),
         lease_ms=settings.throttle_lease_s * 1000,
         on_waiting=metrics.sample_waiting if metrics is not None else None,

@@ -46,14 +46,14 @@ def peak_overlap(intervals: list[tuple[float, float]]) -> int:
 def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: Path) -> dict[str, Any]:
     """Run the workload through ``mode`` and measure it.
 
-    Modes: ``middleware`` (UserThrottle as deployed), ``polling`` (the same with the broker's idle-consumer
+    Modes: ``middleware`` (per-user admission as deployed), ``polling`` (the same with the broker's idle-consumer
     wake-ups off, so handed-off messages are found by polling alone), ``naive`` (the stock limiter).
     """
     import actors
     from actors import enqueue_generation
     from actors.queue import JobQueue
+    from admission.user_admission import UserAdmission
     from bench.throttle_actors import DELIVERIES_KEY, generate_naive
-    from middleware.throttle import UserThrottle
     from repositories.store import JobStatus
     from settings import Settings
     from tests.harness import WorkerProcess, wait_until
@@ -61,14 +61,14 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
 
     # Count the jobs the API parks as it sends them (they never show up as a redelivery).
     parked_at_send = [0]
-    park_behind_backlog = UserThrottle.park_behind_backlog
+    park_behind_backlog = UserAdmission.park_behind_backlog
 
-    def counting(self: UserThrottle, broker: Any, message: Any) -> bool:
+    def counting(self: UserAdmission, broker: Any, message: Any) -> bool:
         parked = park_behind_backlog(self, broker, message)
         parked_at_send[0] += parked
         return parked
 
-    UserThrottle.park_behind_backlog = counting  # type: ignore[method-assign]
+    UserAdmission.park_behind_backlog = counting  # type: ignore[method-assign]
 
     database_url = f"sqlite:///{workdir / f'throttle-{mode}.db'}"
     settings = Settings(database_url=database_url, redis_url=BENCH_REDIS_URL)
@@ -134,7 +134,7 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
         job_id = request.last_message_text.split("[[")[-1].rstrip("]")
         first_request.setdefault(job_id, request.received_at)
         intervals[users[job_id]].append((request.received_at, request.closed_at or request.received_at))
-    UserThrottle.park_behind_backlog = park_behind_backlog  # type: ignore[method-assign]
+    UserAdmission.park_behind_backlog = park_behind_backlog  # type: ignore[method-assign]
     rows = {job.job_id: job for job in store.list_jobs(limit=len(jobs) + 10)}
     makespan = max(job.finished_at.timestamp() for job in rows.values() if job.finished_at) - started
     total_work = len(jobs) * REPLY_SECONDS

@@ -23,11 +23,12 @@ import dramatiq
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
+from admission.sending import ParkAtSend
 from middleware.rabbitmq import RabbitmqTuning
 from middleware.worker_tuning import WorkerTuning
 
 
-class RabbitmqJobBroker(RabbitmqBroker):
+class RabbitmqJobBroker(ParkAtSend, RabbitmqBroker):
     """Dramatiq's ``RabbitmqBroker`` plus ``client``: the Redis where this deployment keeps everything that is
     not a message (throttle slots and parked messages, lanes, cancel signals), as on the Redis broker.
 

@@ -12,12 +12,13 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 
+from admission.sending import ParkAtSend
 from middleware.bad_messages import dead_letter_undecodable
 
 logger = logging.getLogger(__name__)
 
 
-class WakingRedisBroker(RedisBroker):
+class WakingRedisBroker(ParkAtSend, RedisBroker):
     """A Redis broker whose idle consumers wake as soon as their own process enqueues a message for them.
 
     Dramatiq's Redis consumer polls: when its queue is empty it sleeps (with backoff, up to the

@@ -26,7 +26,7 @@ from sse_starlette import EventSourceResponse
 import actors
 from actors.payloads import GenerationParams, JobId
 from actors.queue import current
-from middleware.limiters import UserLoad
+from admission.leases import UserLoad
 from repositories.store import Job, JobKind, JobStatus
 from web.feed import FeedHub, Position, Snapshot, job_events, job_json
 from web.tokens import StreamTokens

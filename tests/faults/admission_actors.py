@@ -20,9 +20,9 @@ from dramatiq.middleware import AgeLimit, Callbacks, CurrentMessage, Pipelines, 
 from admission.keys import job_key
 from admission.leases import RedisLeaseStore
 from admission.limits import ConcurrencyLimit
-from admission.throttle import UserThrottle
 from admission.user_admission import UserAdmission
 from middleware.attempts import AttemptTokens
+from middleware.throttle import UserThrottle
 
 EVENTS_KEY = "admission-outage:events"
 NAMESPACE = "admission-outage"

@@ -23,8 +23,8 @@ from actors.wiring import redis_client
 from admission.keys import job_key
 from admission.leases import RedisLeaseStore
 from admission.limits import ConcurrencyLimit
-from admission.throttle import UserThrottle
 from admission.user_admission import UserAdmission
+from middleware.throttle import UserThrottle
 from settings import Settings
 from tests.conftest import TEST_REDIS_URL, unique
 from tests.harness import wait_until

@@ -7,6 +7,7 @@ import pytest
 from dramatiq.brokers.stub import StubBroker
 
 from actors.queue import JobQueue
+from admission.sending import ParkAtSend
 from brokers.rabbitmq import RabbitmqJobBroker, is_rabbitmq
 from brokers.waking_redis import WakingRedisBroker
 from middleware.rabbitmq import RabbitmqTuning
@@ -18,10 +19,14 @@ RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
 
 def test_without_a_broker_url_the_broker_is_redis() -> None:
-    broker = JobQueue(Settings(_env_file=None, broker_url=None)).broker
+    queue = JobQueue(Settings(_env_file=None, broker_url=None))
+    broker = queue.broker
     try:
         assert isinstance(broker, WakingRedisBroker)
         assert not is_rabbitmq(broker)
+        # actor.send() gets what enqueue_* gets: every undelayed send goes through the queue's admission
+        assert isinstance(broker, ParkAtSend)
+        assert broker.admission is queue.admission
     finally:
         broker.close()
 
@@ -29,10 +34,13 @@ def test_without_a_broker_url_the_broker_is_redis() -> None:
 def test_an_amqp_broker_url_gives_rabbitmq_with_confirms_the_same_throttle_and_no_redis_polling() -> None:
     # Given / When
     redis_url = "redis://127.0.0.1:6390/3"  # never connected to: building a broker opens no connection
-    broker = JobQueue(Settings(_env_file=None, broker_url=RABBITMQ_URL, redis_url=redis_url)).broker
+    queue = JobQueue(Settings(_env_file=None, broker_url=RABBITMQ_URL, redis_url=redis_url))
+    broker = queue.broker
     try:
         # Then
         assert isinstance(broker, RabbitmqJobBroker)
+        assert isinstance(broker, ParkAtSend)
+        assert broker.admission is queue.admission
         assert broker.confirm_delivery is True
         kinds = [type(middleware) for middleware in broker.middleware]
         assert UserThrottle in kinds

@@ -34,8 +34,8 @@ from admission.limits import (
 )
 from admission.messages import handing_off
 from admission.sending import ParkAtSend
-from admission.throttle import UserThrottle, admission_of
 from admission.user_admission import UserAdmission
+from middleware.throttle import UserThrottle
 
 
 def stub_backend() -> StubBackend:
@@ -342,8 +342,7 @@ def test_admission_fails_closed_without_spending_a_retry_and_logs_once(caplog: p
     assert caplog.text.count("throttle backend answers again") == 1
 
 
-def test_the_middleware_finds_its_admission_and_has_only_hooks(stub: Stub) -> None:
-    assert admission_of(stub.broker) is stub.admission
+def test_the_middleware_has_only_hooks() -> None:
     hooks = {name for name in vars(UserThrottle) if not name.startswith("_")}
     assert hooks == {
         "actor_options",
@@ -353,39 +352,6 @@ def test_the_middleware_finds_its_admission_and_has_only_hooks(stub: Stub) -> No
         "after_process_message",
         "after_skip_message",
     }
-
-
-def test_the_old_names_still_work_through_the_shims() -> None:
-    from middleware.limiters import MemoryLeaseStore as OldStore
-    from middleware.throttle import UserThrottle as OldThrottle
-    from middleware.throttle import throttle_of
-
-    leases = OldStore()
-    throttle = OldThrottle(leases=leases, gate=StartRateGate(stub_backend()), lease_ms=5_000)
-    throttle.BACKEND_DOWN_DELAY_MS = 200
-    assert throttle.admission.backend_down_delay_ms == 200
-    broker = StubBroker(middleware=[throttle])
-    try:
-        actor = dramatiq.actor(broker=broker, actor_name="work", user_limit=ConcurrencyLimit(1))(lambda job, user: None)
-        found = throttle_of(broker)
-        assert found is throttle
-        assert found.leases is leases
-        assert leases.acquire("work:u", "running", limit=1, lease_ms=10_000)
-        assert not leases.acquire("work:u", "m", limit=1, lease_ms=10_000, park=Parked("job-1", b"b"))
-        assert found.park_behind_backlog(broker, actor.message("job-2", "u"))
-        assert found.drop_parked(broker, "job-1", "u") == 1
-        assert found.loads() == [UserLoad("work", "u", running=1, waiting=1)]
-    finally:
-        broker.close()
-    # A new-style middleware is found too, with the old sending-side API on its admission
-    admission = UserAdmission(leases=MemoryLeaseStore(), key_of=job_key)
-    broker = StubBroker(middleware=[UserThrottle(admission)])
-    try:
-        view = throttle_of(broker)
-        assert view is not None
-        assert view.leases is admission.leases
-    finally:
-        broker.close()
 
 
 @pytest.mark.parametrize("limit", [0, -1])

@@ -54,14 +54,13 @@ test: install lint
 
 # The unit tier alone, with every service URL of the tests on a closed port (and no BROKER_URL): it passes with
 # Redis, PostgreSQL and RabbitMQ down, and fails, rather than quietly using them, when they are up.
-# test_lane_store.py still runs its Lua scripts on real Redis (make test runs it) until it moves out of tests/unit.
 OFFLINE_ENV := env -u BROKER_URL REDIS_URL=redis://127.0.0.1:1/0 TEST_REDIS_URL=redis://127.0.0.1:1/0 \
 	DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:1/postgres \
 	TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:1/postgres \
 	TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:1
 
 unit: install
-	$(OFFLINE_ENV) $(BIN)/python -m pytest tests/unit --ignore=tests/unit/test_lane_store.py
+	$(OFFLINE_ENV) $(BIN)/python -m pytest tests/unit
 
 integration: install
 	$(BIN)/python -m pytest tests/integration

@@ -16,8 +16,6 @@ from typing import Any
 import pytest
 
 SERVICE_PORTS = {6379: "Redis", 5432: "PostgreSQL", 5672: "RabbitMQ"}
-#: Unit modules that still use real Redis until they move to tests/integration (not this tier's files to edit).
-STILL_ON_REDIS = {"test_lane_store.py"}
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +34,6 @@ def _service_of(address: Any) -> str | None:
 def no_service_connections(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Refuse any TCP connect to a service port during each unit test, and fail the test that tried (even when
     the code under test shrugs the refused connection off)."""
-    if request.node.path.name in STILL_ON_REDIS:
-        yield
-        return
     connect = socket.socket.connect
     connect_ex = socket.socket.connect_ex
     attempts: list[str] = []

@@ -246,6 +246,7 @@ class JobQueue:
             store=self.store,
             broker=self.broker,
             leases=leases,
+            lanes=self.lanes.store if self.lanes is not None else None,
             lease_s=lease_s if lease_s is not None else self.runner.lease_s,
             pending_after_s=pending_after_s,
             send=lambda job, delay_ms: self._send(job_message(self.broker, job), delay_ms),

@@ -1,10 +1,10 @@
 """The reconciler: the store is the truth, and every job that is not final keeps one live path to completion.
 
 A job's path is its message: queued, delayed, prefetched or running in a worker (all in Dramatiq's
-``<queue>.msgs`` hashes until acked), parked by the throttle, or handed a throttle slot. Routine
-infrastructure events break that path: Redis restarted without persistence loses every message, a
-message dead-lettered while the store was down leaves its row ``processing``, a worker's process
-dies between two writes. The sweep finds
+``<queue>.msgs`` hashes until acked), parked by the throttle or in a provider lane's line, or handed a
+throttle or lane slot. Routine infrastructure events break that path: Redis restarted without
+persistence loses every message, a message dead-lettered while the store was down leaves its row
+``processing``, a worker's process dies between two writes. The sweep finds
 
 - ``processing`` jobs whose heartbeat is older than the job lease, and
 - ``pending`` jobs untouched (and not waiting for a due retry) for longer than ``pending_after_s``,
@@ -36,6 +36,7 @@ import dramatiq
 import redis
 from dramatiq.common import dq_name
 
+from admission.lane_store import RedisLaneStore
 from admission.leases import RedisLeaseStore
 from brokers.rabbitmq import is_rabbitmq
 from repositories.store import Job, JobKind, JobStatus, JobStore, utcnow
@@ -43,7 +44,8 @@ from repositories.store import Job, JobKind, JobStatus, JobStore, utcnow
 logger = logging.getLogger(__name__)
 
 #: The job ids of every message alive in Redis, read in one atomic step: a message moving from one
-#: place to another (parked -> handed off -> queued -> delayed) is never missed between two reads.
+#: place to another (parked -> handed off -> queued -> delayed, or into and out of a provider lane's line)
+#: is never missed between two reads.
 _LIVE_JOB_IDS = """
 local ids = {}
 local function add(body)
@@ -61,6 +63,18 @@ end
 if ARGV[1] ~= '' then
   for _, id in ipairs(redis.call('hkeys', ARGV[1])) do ids[#ids + 1] = id end
   for _, id in ipairs(redis.call('hkeys', ARGV[2])) do ids[#ids + 1] = id end
+end
+-- The provider lanes key their lines and handoffs by message id: each entry is 'message id' (a parked
+-- entry) or 'stamp' (a handoff), a newline, the encoded message, which is decoded for its job id.
+local function add_after_newline(value)
+  local sep = string.find(value, '\\n', 1, true)
+  if sep then add(string.sub(value, sep + 1)) end
+end
+if ARGV[3] ~= '' then
+  for _, line in ipairs(redis.call('smembers', ARGV[3])) do
+    for _, entry in ipairs(redis.call('lrange', ARGV[4] .. line, 0, -1)) do add_after_newline(entry) end
+  end
+  for _, value in ipairs(redis.call('hvals', ARGV[5])) do add_after_newline(value) end
 end
 return ids
 """
@@ -91,6 +105,7 @@ class Reconciler:
       store: the job store.
       broker: the Redis broker the job actors are declared on.
       leases: the throttle's Redis lease store (parked and handed-off messages), if the throttle is used.
+      lanes: the provider lanes' Redis store (messages waiting in a lane's line or handed off), if lanes are used.
       lease_s: a processing job's heartbeat older than this, in seconds, means its attempt is gone.
       pending_after_s: a pending job untouched this long, in seconds, is checked against the broker.
       send: enqueues a message for the job (a function of the job and the delay in milliseconds).
@@ -102,6 +117,7 @@ class Reconciler:
         store: JobStore,
         broker: dramatiq.Broker,
         leases: RedisLeaseStore | None,
+        lanes: RedisLaneStore | None,
         lease_s: float,
         pending_after_s: float,
         send: Callable[[Job, int], object],
@@ -109,6 +125,7 @@ class Reconciler:
         self.store = store
         self.broker = broker
         self.leases = leases
+        self.lanes = lanes
         self.lease_s = lease_s
         self.pending_after_s = pending_after_s
         self.send = send
@@ -117,15 +134,18 @@ class Reconciler:
         self._live_job_ids = client.register_script(_LIVE_JOB_IDS)
 
     def live_job_ids(self) -> set[str]:
-        """The job ids of every message queued, delayed, unacked, parked or handed off in Redis."""
+        """The job ids of every message queued, delayed, unacked, parked or handed off in Redis (by the
+        throttle or a provider lane)."""
         namespace = getattr(self.broker, "namespace", "dramatiq")
         queues = {self.broker.get_actor(name).queue_name for name in JOB_ACTORS.values()}
         keys = [f"{namespace}:{name}.msgs" for queue in sorted(queues) for name in (queue, dq_name(queue))]
         if is_rabbitmq(self.broker):
             keys = []  # RabbitMQ's queues cannot be read without consuming them: only Redis's side is seen
-        args = ["", ""]
+        args = ["", "", "", "", ""]
         if self.leases is not None:
-            args = [self.leases.parked_index_key, self.leases.handoffs_key]
+            args[0:2] = [self.leases.parked_index_key, self.leases.handoffs_key]
+        if self.lanes is not None:
+            args[2:5] = [self.lanes.parked_keys_key, self.lanes.parked_prefix, self.lanes.handoffs_key]
         found = cast(list[bytes], self._live_job_ids(keys=keys, args=args))
         return {raw.decode() for raw in found}
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any, cast
 
+import dramatiq
 import pytest
 import redis
 
+from actors.queue import current
+from actors.reconciler import Reconciler
 from admission.lane_store import KEEP_RESERVATION, NOT_SENT, Admission, RedisLaneStore
 from admission.lanes import Lane, LaneBook, LaneConfig, estimate_prompt_tokens, key_identity, parse_lanes
+from admission.messages import parked_entry
+from repositories.store import JobStore
 from tests.conftest import TEST_REDIS_URL
 
 LEASE_MS = 30_000
@@ -257,3 +263,56 @@ def test_a_full_window_says_when_its_oldest_request_leaves_it(store: RedisLaneSt
     released = store.release(target, "a", settle_tokens=1, lease_ms=LEASE_MS)
     assert released.handoffs == []
     assert 1900 < released.next_free_ms - time.time() * 1000 <= 2001
+
+
+def test_the_reconciler_reads_the_job_ids_of_messages_in_a_lane_line_or_handed_off(store: RedisLaneStore) -> None:
+    def job_entry(job_id: str) -> tuple[str, bytes]:
+        message: dramatiq.Message[Any] = dramatiq.Message(
+            queue_name="default",
+            actor_name="generate_llm_response",
+            args=(),
+            kwargs={"job_id": job_id, "user_id": f"user-{job_id}"},
+            options={},
+        )
+        return message.message_id, parked_entry(message)
+
+    def live(lanes: RedisLaneStore | None) -> set[str]:
+        reconciler = Reconciler(
+            store=cast(JobStore, None),  # live_job_ids reads Redis only
+            broker=current().broker,
+            leases=None,
+            lanes=lanes,
+            lease_s=15,
+            pending_after_s=60,
+            send=lambda job, delay_ms: None,
+        )
+        return reconciler.live_job_ids()
+
+    target = lane(concurrent=1)
+    first, second = f"job-{uuid.uuid4().hex[:8]}", f"job-{uuid.uuid4().hex[:8]}"
+    assert admit(store, target, "running", park=False).admitted
+    # Given two jobs' messages parked in the full lane's line (two users)
+    (first_id, first_entry), (_, second_entry) = job_entry(first), job_entry(second)
+    for job_id, parked in ((first, first_entry), (second, second_entry)):
+        result = store.admit(
+            target,
+            holder=f"token-{job_id}",
+            user_id=f"user-{job_id}",
+            reserve_tokens=10,
+            prompt_tokens=4,
+            lease_ms=LEASE_MS,
+            parked_entry=parked,
+            waiting_since_ms=int(time.time() * 1000),
+        )
+        assert not result.admitted
+    # Then the reconciler sees both (and without the lane store, neither)
+    assert {first, second} <= live(store)
+    assert not {first, second} & live(None)
+    # When the slot frees, the first is handed off: in the handoffs hash until its process enqueued it
+    assert store.release(target, "running", settle_tokens=5, lease_ms=LEASE_MS).handoffs == [first_entry]
+    assert {first, second} <= live(store)
+    # And once confirmed enqueued (here: never), only the one still in line is left
+    store.handed_off(first_id)
+    found = live(store)
+    assert second in found
+    assert first not in found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import pytest
 
 import actors
 from actors import enqueue_generation
+from actors.queue import JobQueue
 from admission.lane_store import LaneStats, RedisLaneStore
 from admission.lanes import Lane, LaneBook, estimate_prompt_tokens, parse_lanes
 from repositories.store import JobStatus
+from settings import Settings
 from tests.conftest import TEST_API_KEY, unique
 from tests.integration.conftest import PROJECT_ROOT, Stack, params, wait_until
 from tests.integration.test_throttle import peak_overlap
@@ -244,3 +247,47 @@ def test_with_claude_agent_sdk_whose_cli_hides_retry_after_the_lane_pauses_for_i
     later = [r for r in anthropic.requests if r.index != limited.index]
     assert len(later) == 2
     assert min(r.received_at for r in later) >= limited.received_at + 5.0
+
+
+def test_a_job_waiting_in_a_lane_line_has_a_live_path_so_the_reconciler_does_not_send_it_again(
+    stack: Stack, quota: QuotaServer
+) -> None:
+    lane = {"provider": "openrouter", "concurrent": 1}
+    # A scheduler configured with the same lanes as the workers
+    scheduler = JobQueue(Settings(database_url=stack.database_url, provider_lanes=json.dumps([lane])))
+    with (
+        contextlib.closing(scheduler),
+        stack.other_workers(1, "lane-reconcile", fresh_queues=True, **lanes_env(quota, lane)),
+        scheduler.bound(),
+    ):
+        blocker, waiter = unique("blocker"), unique("waiter")
+        # Given the lane's only slot held by a stalled stream
+        quota.script_for(blocker, Reply.ok("a", stall_after_chunks=1))
+        enqueue_generation(user_id=unique("u"), params=params(blocker), job_id=blocker)
+        quota.wait_for_requests(1, key=blocker, timeout=20)
+        # And another job parked in the lane's line (its message acked: it is nowhere in Dramatiq's queues)
+        enqueue_generation(user_id=unique("u"), params=params(waiter), job_id=waiter)
+        parked = wait_until(
+            lambda: (job := stack.store.get(waiter)) is not None and (job.error or "").startswith("waiting") and job,
+            timeout=20,
+            what="the job to wait for its lane",
+        )
+        assert parked.status is JobStatus.PENDING
+        assert lane_stats(the_lane(lane)).waiting == 1
+        # When it has waited there longer than the reconciler's pending bound, and the reconciler sweeps
+        time.sleep(1.5)
+        reconciler = scheduler.reconciler(pending_after_s=1.0)
+        stuck = reconciler.stuck()
+        reconciler.sweep()
+        # Then it is not stuck, and it was not sent again
+        assert waiter not in {job.job_id for job in stuck.pending}
+        unchanged = stack.store.get(waiter)
+        assert unchanged is not None
+        assert unchanged.enqueued_at == parked.enqueued_at
+        assert lane_stats(the_lane(lane)).waiting == 1
+        # And once the slot frees, it completes exactly once
+        assert actors.cancel_job(blocker, user_id=stack.store.get(blocker).user_id)  # type: ignore[union-attr]
+        job = stack.wait_for_status(waiter, timeout=30)
+        stack.wait_until_no_message_for(waiter, timeout=10)
+    assert (job.status, job.attempts, job.retries) == (JobStatus.COMPLETED, 1, 0)
+    assert len(quota.requests_for(waiter)) == 1

@@ -213,11 +213,19 @@ class JobQueue:
             return self.cancel(job_id, user_id)
 
     def cancel(self, job_id: str, user_id: str) -> bool:
-        """Cancel the user's pending or processing job, signal the worker running it, and take the job out
-        of its user's line if it waits there (one call)."""
+        """Cancel the user's pending or processing job, signal the worker running it, wake the job's event
+        streams (a live text ``status`` entry, best-effort), and take the job out of its user's line if it
+        waits there (one call)."""
         signals = self.services().cancel_signals
         if not cancel(self.store, job_id, user_id, publish=signals.publish if signals is not None else None):
             return False
+        try:
+            # Wakes the job's event streams: a job that never started has no worker to end its live text.
+            self.runner.live_text.status_changed(job_id)
+        except Exception:
+            logger.warning(
+                "could not tell the job's event streams of the cancel", exc_info=True, extra={"job_id": job_id}
+            )
         try:
             self.admission.take_out(job_id)
         except Exception:

@@ -4,6 +4,7 @@ One stream per job (``llm-live:<job_id>``). Its entries say, in order, that an a
 (``reset``), which text it produced at which character offset (``text``), and that the attempt
 ended (``end``). Offsets count characters of the attempt's text, the same text the job store's
 ``content`` holds, so a reader can mix both sources without duplicating or losing a character.
+A ``status`` entry, written outside any attempt (by a cancel), only tells readers to re-read the store.
 
 The stream is a fast path only: writes are coalesced, trimmed, expired after the job and dropped
 while Redis is unreachable. The SQL store stays the source of truth.
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "llm-live:"
 
-EntryKind = Literal["reset", "text", "end"]
+EntryKind = Literal["reset", "text", "end", "status"]
 
 
 def stream_key(job_id: str) -> str:
@@ -35,7 +36,8 @@ def stream_key(job_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LiveEntry:
-    """One stream entry: ``reset`` (attempt began), ``text`` (``text`` at ``offset``) or ``end`` (attempt ended)."""
+    """One stream entry: ``reset`` (attempt began), ``text`` (``text`` at ``offset``), ``end`` (attempt ended) or
+    ``status`` (the stored job changed outside an attempt, e.g. it was cancelled: re-read the store)."""
 
     kind: EntryKind
     attempt: int
@@ -58,7 +60,7 @@ class LiveEntry:
             attempt = int(values["a"])
             if kind == "text":
                 return cls("text", attempt, int(values["o"]), _text(values["x"]))
-            if kind in ("reset", "end"):
+            if kind in ("reset", "end", "status"):
                 return cls(kind, attempt)  # type: ignore[arg-type]
         except (KeyError, ValueError, UnicodeDecodeError):
             pass
@@ -79,6 +81,9 @@ class LiveText:
 
     def append(self, job_id: str, attempt: int, text: str) -> None:
         """New text of the job's current attempt (must be called inside ``attempt``)."""
+
+    def status_changed(self, job_id: str) -> None:
+        """The job's stored status changed outside an attempt (a cancel): its readers should re-read the store."""
 
 
 @dataclass
@@ -140,6 +145,14 @@ class RedisLiveText(LiveText):
                     pending = self._pending.pop(job_id, None)
                 entries = [] if pending is None else self._take(pending)
                 self._write(job_id, [*entries, LiveEntry("end", attempt)], ttl_s=self.ended_ttl_s)
+
+    def status_changed(self, job_id: str) -> None:
+        """Append a ``status`` entry, so the job's readers re-read the store at once; never raises.
+
+        It is no attempt's ``end``: a running attempt still ends its entries itself, after its last text.
+        """
+        with self._write_lock:
+            self._write(job_id, [LiveEntry("status", 0)], ttl_s=self.ended_ttl_s)
 
     def append(self, job_id: str, attempt: int, text: str) -> None:
         """Write ``text`` now when the job's last write is ``interval_s`` old; else queue it for then."""

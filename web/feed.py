@@ -86,9 +86,10 @@ def job_json(job: Job, **extra: Any) -> dict[str, Any]:
 class JobFeed:
     """One job's live entries (read once from its Redis Stream) and its latest snapshot from the store.
 
-    Listeners wait on ``changed()``. The store is read at the start, when an attempt starts or ends,
-    after ``idle_s`` without live text (doubling up to ``max_idle_s`` while the job does not change),
-    and every ``poll_s`` while Redis fails.
+    Listeners wait on ``changed()``. The store is read at the start, when an attempt starts or ends, at
+    a ``status`` entry (the job changed outside an attempt: a cancel), after ``idle_s`` without live
+    text (doubling up to ``max_idle_s`` while the job does not change), and every ``poll_s`` while
+    Redis fails.
     """
 
     job_id: str
@@ -171,6 +172,9 @@ class JobFeed:
                 last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                 entry = LiveEntry.parse(fields)
                 if entry is None:
+                    continue
+                if entry.kind == "status":
+                    boundary = True  # the stored job changed outside an attempt (a cancel): re-read it now
                     continue
                 self.entries.append(entry)
                 if entry.kind == "reset":

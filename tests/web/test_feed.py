@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from datetime import UTC, datetime
 
-from repositories.live_text import LiveEntry
+import redis
+import redis.asyncio as aioredis
+
+from repositories.live_text import LiveEntry, RedisLiveText, stream_key
 from repositories.store import Job, JobKind, JobStatus
+from tests.conftest import TEST_REDIS_URL
 from tests.web.support import Event, apply
-from web.feed import JobFeed, Position, Snapshot, job_events
+from web.feed import JobFeed, Position, Snapshot, StreamReader, job_events
 
 
 def _job(status: JobStatus, content: str, attempts: int = 1, kind: JobKind = JobKind.GENERATE) -> Job:
@@ -101,3 +107,43 @@ def test_a_completed_preview_keeps_its_streamed_text_and_reports_the_preview_in_
     events = _events(entries, _job(JobStatus.COMPLETED, "A raw preview", kind=JobKind.PREVIEW))
     assert apply("", events) == "A  raw\npreview"
     assert json.loads(events[-1].data)["content"] == "A raw preview"
+
+
+def test_a_status_entry_makes_the_feed_read_the_store_at_once_and_is_no_text_entry() -> None:
+    async def scenario() -> tuple[float, list[LiveEntry], str | None]:
+        client = redis.Redis.from_url(TEST_REDIS_URL)
+        blocking = aioredis.Redis.from_url(TEST_REDIS_URL, single_connection_client=True)
+        control = aioredis.Redis.from_url(TEST_REDIS_URL)
+        job_id = uuid.uuid4().hex
+        stored = [_job(JobStatus.PENDING, "", attempts=0)]
+
+        async def load() -> Snapshot:
+            return Snapshot(stored[-1], str(stored[-1].status), "")
+
+        # Given a feed of a pending job that reads the store only after 30 s without live text
+        reader = StreamReader(blocking, control)
+        feed = JobFeed(job_id, load, reader, idle_s=30.0)
+        task = asyncio.create_task(feed.run())
+        try:
+            while not feed.loaded:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # the feed's XREAD is blocking now
+            # When the job is cancelled in the store and a cancel writes a status entry
+            stored.append(_job(JobStatus.CANCELLED, "", attempts=0))
+            started = time.monotonic()
+            await asyncio.to_thread(RedisLiveText(client).status_changed, job_id)
+            # Then the feed reads the store at once, sees the final job and closes (no attempt to wait for)
+            await asyncio.wait_for(task, timeout=5)
+            snapshot = feed.snapshot
+            return time.monotonic() - started, feed.entries, snapshot.status if snapshot else None
+        finally:
+            task.cancel()
+            await reader.close()
+            client.delete(stream_key(job_id))
+            await blocking.aclose()
+            await control.aclose()
+
+    elapsed, entries, status = asyncio.run(scenario())
+    assert status == "cancelled"
+    assert entries == []
+    assert elapsed < 1.0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import uuid
 from typing import Any
 
+import pytest
 import redis
 
 from repositories.live_text import LiveEntry, RedisLiveText, stream_key
@@ -83,3 +85,34 @@ def test_the_first_text_after_a_quiet_spell_is_written_before_append_returns() -
         assert _entries(client, job_id)[-1] == LiveEntry("text", 1, 0, "now")
         live.append(job_id, 1, " later")  # within the interval: left to the writer thread
         wait_until(lambda: _entries(client, job_id)[-1] == LiveEntry("text", 1, 3, " later"), timeout=2)
+
+
+def test_a_status_change_is_one_status_entry_after_the_attempts_end_and_no_second_end() -> None:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    live = RedisLiveText(client, ended_ttl_s=30)
+    ran, never_ran = uuid.uuid4().hex, uuid.uuid4().hex
+    with live.attempt(ran, 1):
+        live.append(ran, 1, "text")
+    # When a cancel tells the readers of a job that ran, and of one that never started
+    live.status_changed(ran)
+    live.status_changed(never_ran)
+    # Then each stream gets one status entry, no attempt of it ends twice, and it expires
+    assert _entries(client, ran) == [
+        LiveEntry("reset", 1),
+        LiveEntry("text", 1, 0, "text"),
+        LiveEntry("end", 1),
+        LiveEntry("status", 0),
+    ]
+    assert _entries(client, never_ran) == [LiveEntry("status", 0)]
+    assert 0 < client.ttl(stream_key(never_ran)) <= 30
+
+
+def test_a_status_change_never_raises_when_redis_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+    client = redis.Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.2)
+    live = RedisLiveText(client)
+    with caplog.at_level(logging.WARNING, logger="repositories.live_text"):
+        live.status_changed("job-a")
+        live.status_changed("job-b")
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert getattr(warnings[0], "job_id", None) == "job-a"

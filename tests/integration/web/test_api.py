@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 import actors
+from actors.queue import current
 from repositories.live_text import LiveEntry, stream_key
 from repositories.store import JobStatus
 from tests.conftest import unique
 from tests.harness import PROJECT_ROOT
 from tests.integration.conftest import Stack, params, wait_until
 from tests.loopback.openrouter import Reply
-from tests.web.support import WebServer, apply, header_user, read_events
+from tests.web.support import StreamReading, WebServer, apply, header_user, parse_sse, read_events
+from web.api import JobStreams, build_router, default_tokens
 from web.app import create_app
+from web.feed import FeedHub
 
 pytestmark = pytest.mark.integration
 
@@ -307,3 +313,85 @@ def test_a_job_parked_by_its_users_throttle_streams_a_waiting_status(stack: Stac
     assert "throttled" in waiting[0]["reason"]
     assert statuses[-1]["status"] == "completed"
     assert apply("", reading.events) == "my turn"
+
+
+class _RareStoreReads(JobStreams):
+    """Feeds that re-read the store only after 30 s without live text: a change shows in time only if it wakes them."""
+
+    def hub(self) -> FeedHub:
+        if self._hub is None:
+            self._hub = FeedHub(self.redis_url, idle_s=30.0)
+        return self._hub
+
+
+def _app_with_rare_store_reads() -> FastAPI:
+    streams = _RareStoreReads(tokens=default_tokens(), redis_url=current().settings.redis_url, ping_s=0.2)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await streams.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.include_router(build_router(header_user, streams=streams))
+    return app
+
+
+def test_a_parked_job_cancelled_through_the_api_shows_cancelled_on_its_open_stream_at_once(
+    stack: Stack, http: httpx.Client
+) -> None:
+    # Given a user running as many jobs as the limit allows (5), each streaming for half a minute
+    user = {"X-User-Id": unique("full")}
+    busy = [unique("long") for _ in range(5)]
+    for job_id in busy:
+        stack.server.script_for(job_id, Reply.ok(*["b "] * 300, chunk_delay_s=0.1))
+        _submit(http, user["X-User-Id"], job_id)
+    try:
+        wait_until(
+            lambda: all((job := stack.store.get(j)) and job.status is JobStatus.PROCESSING for j in busy),
+            timeout=20,
+            what="the user's jobs to run",
+        )
+        # and one more job of theirs, parked by the throttle, followed by a web app whose feeds wait 30 s
+        # for live text before they re-read the store (so only the cancel itself can wake them in time)
+        key = unique("parked")
+        stack.server.script_for(key, Reply.ok("never ", "runs"))
+        _submit(http, user["X-User-Id"], key)
+        with WebServer(_app_with_rare_store_reads()) as server, httpx.Client(base_url=server.url) as client:
+            reading = StreamReading()
+            seen: list[tuple[float, dict[str, Any]]] = []
+            cancel_sent: float | None = None
+            stop_at = time.monotonic() + 20
+
+            def lines(response: httpx.Response) -> Iterator[str]:
+                for line in response.iter_lines():  # keep-alive comments every 0.2 s: the deadline is checked
+                    yield line
+                    if time.monotonic() > stop_at:
+                        return
+
+            with client.stream("GET", f"jobs/{key}/events", headers=user, timeout=30) as response:
+                for event in parse_sse(lines(response), reading):
+                    reading.events.append(event)
+                    if event.event == "done":
+                        break
+                    if event.event != "status":
+                        continue
+                    seen.append((time.monotonic(), json.loads(event.data)))
+                    if cancel_sent is None:
+                        # When, its stream open and showing it queued, the user cancels it through the API
+                        assert seen[0][1]["status"] in ("pending", "waiting"), seen
+                        assert stack.store.get(key).status is JobStatus.PENDING  # type: ignore[union-attr]
+                        cancel_sent = time.monotonic()
+                        assert http.post(f"jobs/{key}/cancel", headers=user).json() == {"cancelled": True}
+                        stop_at = cancel_sent + 1.0
+        # Then the open stream says cancelled within 1 s of the cancel, and ends with the cancelled job
+        assert cancel_sent is not None
+        shown = [at - cancel_sent for at, status in seen if status["status"] == "cancelled"]
+        assert shown, f"no cancelled status within 1 s of the cancel: {seen}"
+        assert shown[0] < 1.0
+        assert reading.done is not None
+        assert reading.done["status"] == "cancelled"
+        assert stack.server.requests_for(key) == []
+    finally:
+        for job_id in busy:
+            http.post(f"jobs/{job_id}/cancel", headers=user)

@@ -10,8 +10,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-import actors
-from settings import ConfigurationError
+from settings import ConfigurationError, Settings
+from tests.queues import queue_on
 from tests.web.support import header_user
 from web import StreamTokens, build_router, create_app
 
@@ -110,17 +110,13 @@ def test_a_short_stream_secret_is_rejected() -> None:
         StreamTokens(b"short")
 
 
-def test_the_app_needs_an_identity_unless_the_dev_identity_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(actors.settings, "web_dev_identity", False)
-    with pytest.raises(ConfigurationError, match="WEB_DEV_IDENTITY"):
+def test_the_app_needs_an_identity_unless_the_dev_identity_is_on() -> None:
+    with queue_on(Settings(web_dev_identity=False)), pytest.raises(ConfigurationError, match="WEB_DEV_IDENTITY"):
         create_app()
 
 
-def test_the_dev_identity_takes_the_header_and_warns_at_start(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(actors.settings, "web_dev_identity", True)
-    with caplog.at_level(logging.WARNING, logger="web.app"):
+def test_the_dev_identity_takes_the_header_and_warns_at_start(caplog: pytest.LogCaptureFixture) -> None:
+    with queue_on(Settings(web_dev_identity=True)), caplog.at_level(logging.WARNING, logger="web.app"):
         app = create_app(redis_url="")
     assert "WEB_DEV_IDENTITY is on" in caplog.text
     with TestClient(app) as client:

@@ -14,6 +14,7 @@ class JobObserver(Protocol):
 
     def job_started(self, kind: str, wait_s: float) -> None:
         """A job's first attempt began ``wait_s`` seconds after it was created."""
+        return  # the protocol's default: ignored
 
     def attempt_finished(
         self,
@@ -26,28 +27,12 @@ class JobObserver(Protocol):
         cost: float | None = None,
     ) -> None:
         """One provider attempt ended (``completed``, ``retried``, ``failed``, ``cancelled``, ``handed_back``)."""
+        return  # the protocol's default: ignored
 
     def job_finished(self, kind: str, provider: str, status: str) -> None:
         """A job reached a final status."""
+        return  # the protocol's default: ignored
 
 
-class NullObserver:
-    """The observer when metrics are off: it ignores everything."""
-
-    def job_started(self, kind: str, wait_s: float) -> None:
-        """Ignored."""
-
-    def attempt_finished(
-        self,
-        kind: str,
-        provider: str,
-        outcome: str,
-        duration_s: float,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        cost: float | None = None,
-    ) -> None:
-        """Ignored."""
-
-    def job_finished(self, kind: str, provider: str, status: str) -> None:
-        """Ignored."""
+class NullObserver(JobObserver):
+    """The observer when metrics are off: it ignores everything (the protocol's methods do nothing)."""

@@ -29,7 +29,9 @@ def parks_at_send(admission: UserAdmission, broker: dramatiq.Broker, message: An
     try:
         return admission.park_behind_backlog(broker, message)
     except Exception as exc:
-        logger.warning("could not check the user's line at send (%s): enqueued as usual", type(exc).__name__)
+        # Not a warning: admission's Redis is the broker's, so the enqueue that follows fails loudly too when
+        # it is down; when only this check failed, the worker takes the decision as it always can.
+        logger.debug("could not check the user's line at send (%s): enqueued as usual", type(exc).__name__)
         return False
 
 

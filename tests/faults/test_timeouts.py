@@ -117,7 +117,7 @@ def test_every_redis_client_gives_up_within_its_socket_timeout(tmp_path: Any) ->
         broker = queue.broker
         signals = queue.services().cancel_signals
         assert signals is not None
-        clients: list[redis.Redis] = [broker.client, queue.throttle.leases._client, signals._client]  # type: ignore[attr-defined]
+        clients: list[redis.Redis] = [broker.client, queue.admission.leases._client, signals._client]  # type: ignore[attr-defined]
         for client in clients:
             assert client.ping()
         # When Redis goes silent

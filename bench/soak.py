@@ -35,6 +35,50 @@ ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@1
 KEY = "sk-or-soak-" + "KEYMUSTNEVERAPPEAR0123"
 
 
+#: The most stranded jobs one sample lists (the reconciler's own page size).
+STUCK_CAP = 1000
+
+
+class StrandedWatch:
+    """Counts, once a second in a thread, the jobs the reconciler would call stuck (no live path)."""
+
+    def __init__(self, redis_url: str, database_url: str, *, lease_s: float) -> None:
+        import threading
+
+        from actors.queue import JobQueue
+        from settings import Settings
+
+        self.queue = JobQueue(Settings(redis_url=redis_url, database_url=database_url))
+        self.queue.bind()  # the reconciler reads the actors' queue names from the broker they are bound to
+        self.reconciler = self.queue.reconciler(pending_after_s=10, lease_s=lease_s)
+        self.most, self.most_at, self.last_stranded_at = 0, 0.0, 0.0
+        self.taken = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                seen = self.reconciler.stuck(limit=STUCK_CAP)
+            except Exception:
+                self.failed += 1  # Redis restarting, PostgreSQL refusing: the sample is lost, not the job
+                continue
+            self.taken += 1
+            stranded = len(seen.processing) + len(seen.pending)
+            now = time.monotonic()
+            if stranded:
+                self.last_stranded_at = now
+            if stranded > self.most:
+                self.most, self.most_at = stranded, now
+
+    def stop(self) -> None:
+        """Stop sampling and close the queue's connections."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.queue.close()
+
+
 def main(argv: list[str] | None = None) -> int:  # one scenario, read top to bottom
     """Run the soak and print its figures; non-zero when a job was lost or stuck or the limit was exceeded."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -108,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:  # one scenario, read top to bot
             with ThreadPoolExecutor(max_workers=8) as senders:
                 list(senders.map(lambda item: stack.submit(*item), user_of.items()))
             print(f"{args.jobs} jobs sent in {time.monotonic() - started:.1f} s", flush=True)
+            watcher = StrandedWatch(stack.redis_server.url, database_url, lease_s=float(stack.env()["JOB_LEASE_S"]))
 
             def fault(what: str) -> None:
                 print(f"t={time.monotonic() - started:5.1f}s {what}", flush=True)
@@ -127,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:  # one scenario, read top to bot
             fault("PostgreSQL back")
             time.sleep(3)
             workers[1].kill()
+            last_fault = time.monotonic()
             fault("worker 1 SIGKILLed (the last fault)")
             workers[1].start()
             faults_over = time.monotonic()
@@ -145,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:  # one scenario, read top to bot
                         remaining.discard(job_id)
                 time.sleep(0.5)
             recovered = time.monotonic()
+            watcher.stop()
             jobs = {job_id: stack.store.get(job_id) for job_id in job_ids}
             completed = sum(1 for job in jobs.values() if job is not None and job.status is JobStatus.COMPLETED)
             final = sum(1 for job in jobs.values() if job is not None and job.status in FINAL_STATUSES)
@@ -177,7 +224,21 @@ def main(argv: list[str] | None = None) -> int:  # one scenario, read top to bot
             print(f"| jobs stuck (not final, untouched 15 s) | {stuck} | 0 |")
             print(f"| provider calls beyond the scripted ones (re-runs after SIGKILL) | {extra_calls} | few |")
             print(f"| most streams of one user at once | {peak} (limit {args.limit}) | <= {args.limit} |")
-            print(f"| time from the last fault to every job final | {recovered - faults_over:.1f} s | <= 120 s |")
+            last_seen = watcher.last_stranded_at
+            most = f"{'>= ' if watcher.most >= STUCK_CAP else ''}{watcher.most}"
+            print(
+                f"| jobs stranded (no live path, as the reconciler sees them), most at once "
+                f"| {most} (at t={watcher.most_at - started:.0f} s) | |"
+            )
+            print(
+                "| time from the last fault (the SIGKILL) until no job is stranded "
+                f"| {max(0.0, last_seen - last_fault) if last_seen else 0.0:.1f} s | <= 120 s |"
+            )
+            print(f"| stranded-job samples (1 a second) taken / failed | {watcher.taken} / {watcher.failed} | |")
+            print(
+                f"| time from the last fault to every job final ({unfinished} were not final; the backlog drains) "
+                f"| {recovered - faults_over:.1f} s | |"
+            )
             print(f"| key occurrences in logs, job store, Redis | {leaks} | 0 |")
             print(f"| wall time | {recovered - started:.0f} s | |")
             if not remaining and peak <= args.limit and leaks == 0 and final == args.jobs:

@@ -26,6 +26,7 @@ from tests.harness import PROJECT_ROOT, WorkerProcess, wait_until
 
 #: As in ``tests/faults/admission_actors.py`` (not imported here: importing it builds the worker's broker).
 EVENTS_KEY = "admission-outage:events"
+HOLD_KEY = "admission-outage:hold"
 LIMIT = 2
 OUTAGE = "throttle backend unreachable"
 BUSY, OTHER = "u-busy", "u-other"
@@ -112,10 +113,13 @@ def test_admission_without_redis_runs_nothing_spends_no_retry_and_everything_com
     # Then no job ran
     assert outage.events() == []
     # When Redis answers again, and then refuses again while two of the busy user's jobs run
+    # (held running until admission refuses, so that neither can end and release its slot before)
+    outage.client.set(HOLD_KEY, 1)
     outage.proxy.set_mode("pass")
     wait_until(lambda: outage.started(BUSY) >= LIMIT, timeout=30, what="two of the busy user's jobs to start")
     first_outage = sum(outage.outages_logged().values())
     outage.proxy.set_mode("refuse")
+    outage.client.delete(HOLD_KEY)
     for index in range(2):
         jobs[f"late-{index}"] = BUSY
         outage.send(f"late-{index}", BUSY)

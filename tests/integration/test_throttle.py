@@ -134,7 +134,12 @@ def test_running_and_waiting_jobs_per_user_can_be_read_from_code(stack: Stack) -
         assert cancel_job(keys[0], user_id=user)
         for key in keys[1:]:
             assert stack.wait_for_status(key, timeout=20).status is JobStatus.COMPLETED
-    assert not [x for x in user_loads() if x.user_id == user]
+        # Then nothing of the user runs or waits any more (a slot is released just after its job's final write)
+        wait_until(
+            lambda: not [x for x in user_loads() if x.user_id == user],
+            timeout=10,
+            what="the user's last slot to be released",
+        )
 
 
 def test_a_job_sent_while_its_user_has_a_backlog_is_parked_by_the_sender_not_by_a_worker(stack: Stack) -> None:

@@ -101,3 +101,41 @@ def test_another_process_enqueue_is_still_found_by_polling(broker: WakingRedisBr
             assert consuming.received[0][1].message_id == sent.message_id
     finally:
         close(other)
+
+
+def test_an_enqueue_by_another_process_wakes_the_idle_consumer_at_once(broker: WakingRedisBroker) -> None:
+    queue = unique("wake")
+    other = WakingRedisBroker(url=TEST_REDIS_URL, middleware=[])
+    broker.idle_poll_ms = MINUTE_MS  # only a push can bring the message within the test's deadline
+    try:
+        with Consuming(idle_consumer(broker, queue)) as consuming:
+            # Given the consumer subscribed to wake-ups, found the queue empty and went to sleep for a minute
+            assert broker._listener is not None
+            wait_until(lambda: consuming.consumer.idle_misses > 30, what="the consumer's empty poll")
+            wait_until(
+                lambda: broker.client.pubsub_numsub(broker.wake_channel)[0][1] >= 1,
+                what="the wake-up subscription",
+            )
+            # When another broker (another process's) enqueues a message on the queue
+            sent = other.enqueue(dramatiq.Message(queue, "noop", (), {}, {}))
+            # Then the sleeping consumer fetches it long before its sleep would have ended
+            wait_until(lambda: consuming.received, timeout=10, what="the message to be fetched")
+            assert consuming.received[0][1].message_id == sent.message_id
+    finally:
+        close(other)
+
+
+def test_an_idle_consumer_sends_nothing_between_fallback_polls(broker: WakingRedisBroker) -> None:
+    queue = unique("wake")
+    broker.idle_poll_ms = MINUTE_MS
+    with Consuming(idle_consumer(broker, queue)) as consuming:
+        # Given the consumer found its queue empty once (each empty fetch counts one miss)
+        misses = wait_until(
+            lambda: consuming.consumer.idle_misses > 30 and consuming.consumer.idle_misses, what="a miss"
+        )
+        # When nothing is enqueued for a while (a wait on a condition that must stay false)
+        with pytest.raises(AssertionError):
+            wait_until(lambda: consuming.consumer.idle_misses > misses, timeout=1.0, what="another fetch")
+        # Then it did not fetch again: it sleeps until a wake-up or its fallback poll
+        assert consuming.consumer.idle_misses == misses
+        assert consuming.polls == 0

@@ -139,30 +139,3 @@ def test_an_idle_consumer_sends_nothing_between_fallback_polls(broker: WakingRed
         # Then it did not fetch again: it sleeps until a wake-up or its fallback poll
         assert consuming.consumer.idle_misses == misses
         assert consuming.polls == 0
-
-
-def test_a_delayed_message_moves_to_its_queue_when_due_not_at_the_fallback_poll(broker: WakingRedisBroker) -> None:
-    from queue import PriorityQueue
-
-    from dramatiq.common import dq_name
-
-    from middleware.consumer_recovery import ResilientConsumerThread
-
-    queue = unique("wake")
-    broker.idle_poll_ms = MINUTE_MS  # the delay queue's consumer would otherwise sleep a minute between fetches
-    broker.declare_queue(queue)
-    thread = ResilientConsumerThread(
-        broker=broker, queue_name=dq_name(queue), prefetch=10, work_queue=PriorityQueue(), worker_timeout=1000
-    )
-    thread.start()
-    try:
-        # Given the delay queue's consumer holding nothing and asleep
-        wait_until(lambda: getattr(thread.consumer, "idle_misses", 0) >= 1, what="the consumer's empty poll")
-        # When a message is enqueued with a 300 ms delay
-        broker.enqueue(dramatiq.Message(queue, "noop", (), {}, {}), delay=300)
-        # Then it reaches its queue once due, long before the consumer's next fallback poll
-        wait_until(lambda: broker.client.llen(f"{broker.namespace}:{queue}") == 1, timeout=10, what="the due message")
-    finally:
-        thread.stop()
-        thread.join(timeout=5)
-        thread.close()

@@ -1,16 +1,15 @@
-"""The Redis broker of this project: Dramatiq's ``RedisBroker`` whose idle consumers wake on a push."""
+"""The Redis broker of this project: Dramatiq's ``RedisBroker`` whose idle consumers wake on local enqueues."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.common import compute_backoff, current_millis
+from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed, DecodeError
 
 from admission.sending import ParkAtSend
@@ -20,17 +19,14 @@ logger = logging.getLogger(__name__)
 
 
 class WakingRedisBroker(ParkAtSend, RedisBroker):
-    """A Redis broker whose idle consumers sleep until a message is enqueued for them, by any process.
+    """A Redis broker whose idle consumers wake as soon as their own process enqueues a message for them.
 
     Dramatiq's Redis consumer polls: when its queue is empty it sleeps (with backoff, up to the
-    worker's timeout) before the next fetch, so an idle worker process sends Redis a fetch per queue
-    every few milliseconds at a low cap, and a message waits out the sleep at a high one. Here:
-
-    - every enqueue, delayed ones included, also ``PUBLISH``es the queue's name on ``wake_channel``;
-    - each worker process subscribes once (``WakeListener``) and sets the local event of that queue;
-    - the consumer sleeps on that event, up to ``idle_poll_ms`` (a fallback poll, for a wake-up lost
-      while the subscription reconnects), and never past the next delayed message it holds coming due;
-    - an ack or nack wakes it too: a consumer at its prefetch limit fetches again as soon as a slot frees.
+    worker's timeout) before the next fetch. A throttle slot freed by a finishing job is handed to the
+    next parked message by enqueueing it from the worker thread that just became free; with plain
+    polling that message waits out the consumer's sleep (15 ms on average at a 20 ms cap, once per
+    handoff). Here the consumer sleeps on an event that a local enqueue sets, so it fetches at once.
+    Messages enqueued by other processes are still found by polling.
 
     Only ``consumer_class`` (a documented hook of ``RedisBroker``) and ``enqueue`` are overridden; the
     consumer's own fetch, ack and requeue logic is Dramatiq's. A body that cannot be decoded is
@@ -39,15 +35,11 @@ class WakingRedisBroker(ParkAtSend, RedisBroker):
 
     #: Off, consumers only poll, as with Dramatiq's own broker (``bench/throttle.py`` measures both).
     wake_idle_consumers = True
-    #: The longest an idle consumer sleeps with no wake-up (``WORKER_POLL_INTERVAL_MS``; set by ``WorkerTuning``).
-    idle_poll_ms = 1_000
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._wakeups: dict[str, threading.Event] = {}
         self._wakeups_lock = threading.Lock()
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self.wake_channel = f"{self.namespace}:wake"
-        self._listener: WakeListener | None = None
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
@@ -59,114 +51,25 @@ class WakingRedisBroker(ParkAtSend, RedisBroker):
         with self._wakeups_lock:
             return self._wakeups.setdefault(queue_name, threading.Event())
 
-    def wake(self, queue_name: str | None = None) -> None:
-        """Set the local event of ``queue_name`` (of every queue: None) if this process consumes it."""
-        with self._wakeups_lock:
-            events = list(self._wakeups.values()) if queue_name is None else [self._wakeups.get(queue_name)]
-        for event in events:
-            if event is not None:
-                event.set()
-
-    def listen_for_wakeups(self) -> None:
-        """Subscribe this process to ``wake_channel`` (once; a consumer calls it when it is built)."""
-        if not self.wake_idle_consumers:
-            return
-        with self._wakeups_lock:
-            if self._listener is None:
-                self._listener = WakeListener(self.client, self.wake_channel, self.wake)
-                self._listener.start()
-
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        """Enqueue as Dramatiq does, then wake the consumers of the queue: this process's, and by a push, all."""
+        """Enqueue as Dramatiq does, then wake this process's consumer of the queue (if it has one)."""
         enqueued: dramatiq.Message[Any] = super().enqueue(message, delay=delay)
-        if self.wake_idle_consumers:
-            self.wake(enqueued.queue_name)
-            try:
-                self.client.publish(self.wake_channel, enqueued.queue_name)
-            except redis.RedisError as exc:
-                # The message is enqueued; consumers elsewhere find it at their next fallback poll.
-                logger.debug("could not publish the wake-up of %s (%s)", enqueued.queue_name, type(exc).__name__)
+        if delay is None and self.wake_idle_consumers:
+            wakeup = self._wakeups.get(enqueued.queue_name)
+            if wakeup is not None:
+                wakeup.set()
         return enqueued
-
-    def close(self) -> None:
-        """Stop the wake-up subscription, then close as Dramatiq does."""
-        if self._listener is not None:
-            self._listener.stop()
-            self._listener = None
-        super().close()
-
-
-class WakeListener:
-    """One pub/sub subscription per process: each queue name published on ``channel`` wakes that queue's consumer.
-
-    A lost subscription reconnects a second later, then wakes every consumer once: a wake-up published
-    meanwhile is not replayed by Redis, and this stands for it.
-    """
-
-    def __init__(self, client: redis.Redis, channel: str, wake: Callable[[str | None], None]) -> None:
-        self._client = client
-        self._channel = channel
-        self._wake = wake
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._listen_forever, name="wake-listener", daemon=True)
-
-    def start(self) -> None:
-        """Start the listening thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop it (within a second)."""
-        self._stopping.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-
-    def _listen_forever(self) -> None:
-        lost = False
-        while not self._stopping.is_set():
-            try:
-                self._listen(after_loss=lost)
-            except redis.RedisError as exc:
-                if not lost:
-                    logger.warning("wake-up subscription lost Redis (%s); consumers poll until it is back", exc)
-                lost = True
-                self._stopping.wait(1.0)
-
-    def _listen(self, *, after_loss: bool) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
-        try:
-            pubsub.subscribe(self._channel)
-            while not self._stopping.is_set():
-                message = pubsub.get_message(timeout=1.0)
-                if message is None:
-                    continue
-                if message.get("type") == "subscribe":
-                    if after_loss:
-                        logger.info("wake-up subscription is back")
-                        self._wake(None)
-                    after_loss = False
-                elif message.get("type") == "message":
-                    data = message["data"]
-                    self._wake(data.decode() if isinstance(data, bytes) else str(data))
-        finally:
-            pubsub.close()
 
 
 class _WakingConsumer(_RedisConsumer):
-    """Dramatiq's Redis consumer with its idle sleep moved onto an event that any enqueue of its queue sets.
-
-    ``timeout`` (Dramatiq's worker timeout) is not its idle cap: that is the broker's ``idle_poll_ms``.
-    ``next_due_ms`` (set by ``ResilientConsumerThread``) gives the eta of the earliest delayed message the
-    consumer thread holds, so that the sleep ends when it comes due.
-    """
+    """Dramatiq's Redis consumer with its idle sleep moved onto an event that a local enqueue sets."""
 
     def __init__(self, broker: WakingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         # Dramatiq's own idle sleep is switched off (a zero cap backs off 0 ms); this class sleeps instead.
         super().__init__(broker, queue_name, prefetch, 0)  # type: ignore[no-untyped-call]
-        self.idle_timeout_ms = broker.idle_poll_ms
+        self.idle_timeout_ms = timeout
         self.idle_misses = 0
         self.wakeup = broker.wakeup_for(queue_name)
-        self.next_due_ms: Callable[[], int | None] = lambda: None
-        broker.listen_for_wakeups()
 
     def __next__(self) -> Any:
         # Cleared before the fetch: a message enqueued after this point either is fetched now or sets the
@@ -184,14 +87,7 @@ class _WakingConsumer(_RedisConsumer):
         if message is not None:
             self.idle_misses = 0
             return message
-        if self.broker.wake_idle_consumers:
-            # Woken by every enqueue of the queue and every ack: no need to poll sooner than the fallback.
-            self.idle_misses, backoff_ms = self.idle_misses + 1, self.idle_timeout_ms
-        else:
-            self.idle_misses, backoff_ms = compute_backoff(self.idle_misses, max_backoff=self.idle_timeout_ms)
-        due = self.next_due_ms()
-        if due is not None:
-            backoff_ms = max(0, min(backoff_ms, due - current_millis()))
+        self.idle_misses, backoff_ms = compute_backoff(self.idle_misses, max_backoff=self.idle_timeout_ms)
         self.wakeup.wait(backoff_ms / 1000)
         return None
 
@@ -199,20 +95,14 @@ class _WakingConsumer(_RedisConsumer):
     # treat as a lost connection (only redis.ConnectionError): report it as one, so that acks are retried
     # and the consumer reconnects, instead of "unhandled error" paths that leave messages unacked.
 
-    # An ack or nack frees a prefetch place: wake the consumer, which may have stopped fetching at its limit.
-
     def ack(self, message: Any) -> None:
         try:
             super().ack(message)  # type: ignore[no-untyped-call]
         except redis.TimeoutError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
-        finally:
-            self.wakeup.set()
 
     def nack(self, message: Any) -> None:
         try:
             super().nack(message)  # type: ignore[no-untyped-call]
         except redis.TimeoutError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
-        finally:
-            self.wakeup.set()

@@ -18,13 +18,13 @@ class WorkerTuning(dramatiq.Middleware):
 
     Dramatiq prefetches twice the thread count by default, which suits short tasks. LLM jobs run for
     minutes, so a message prefetched by a busy process waits there while another process idles.
-    The consumers of ``WakingRedisBroker`` sleep until an enqueue of their queue, by any process, wakes
-    them; ``poll_interval_ms`` caps that sleep (a fallback for a lost wake-up). With another broker it
-    is Dramatiq's worker timeout, which caps its consumers' idle backoff.
+    An idle Redis consumer backs off up to its timeout (1 s by default) between polls; a message
+    handed a throttle slot by another process would wait that long, so idle polling is capped lower.
+    (A message enqueued by the same process wakes its consumer at once: see ``WakingRedisBroker``.)
 
     Parameters:
       prefetch_per_thread: messages held per worker thread and queue (at least 1).
-      poll_interval_ms: the longest an idle consumer sleeps between fetches with no wake-up, in milliseconds.
+      poll_interval_ms: the longest an idle consumer sleeps between polls, in milliseconds.
     """
 
     def __init__(self, *, prefetch_per_thread: int = 1, poll_interval_ms: int = 100) -> None:
@@ -38,11 +38,6 @@ class WorkerTuning(dramatiq.Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Set the prefetch and polling before the worker starts its consumers."""
         worker.queue_prefetch = max(1, worker.worker_threads * self.prefetch_per_thread)
-        # Dramatiq's worker timeout (how often each idle worker thread wakes) is kept; only the consumers'
-        # idle sleep is set, and consumers that wake on a push need it only as a fallback.
-        if hasattr(broker, "idle_poll_ms"):
-            broker.idle_poll_ms = self.poll_interval_ms
-        else:
-            worker.worker_timeout = self.poll_interval_ms
+        worker.worker_timeout = self.poll_interval_ms
         use_resilient_consumers(worker)
         logger.debug("prefetch %d per queue, idle poll every %d ms", worker.queue_prefetch, self.poll_interval_ms)

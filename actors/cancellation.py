@@ -23,38 +23,28 @@ logger = logging.getLogger(__name__)
 CANCEL_CHANNEL = "llm-jobs:cancel"
 
 
-class CancelWatch:
-    """The stop flag of one running job, settable from any thread and awaitable from the job's loop.
+class LoopFlag:
+    """A flag settable from any thread and awaitable from an event loop (the first ``wait`` attaches it)."""
 
-    It is raised by a cancel signal, or by ``hand_back`` when the worker shuts down.
-    """
-
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-        self.handed_back = False
+    def __init__(self) -> None:
         self._flag = threading.Event()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
 
     def set(self) -> None:
-        """Mark the job cancelled and wake its event loop, if one is attached."""
+        """Raise the flag and wake its event loop, if one is attached."""
         with self._lock:
             self._flag.set()
             if self._loop is not None and self._event is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._event.set)
 
-    def hand_back(self) -> None:
-        """Stop the job because its worker shuts down: it goes back to the queue, it is not cancelled."""
-        self.handed_back = True
-        self.set()
-
     def is_set(self) -> bool:
-        """True once a cancel signal arrived."""
+        """True once the flag was raised."""
         return self._flag.is_set()
 
     async def wait(self) -> None:
-        """Wait for the signal from inside the job's event loop."""
+        """Wait for the flag from inside an event loop."""
         with self._lock:
             if self._event is None:
                 self._loop = asyncio.get_running_loop()
@@ -62,6 +52,23 @@ class CancelWatch:
             if self._flag.is_set():
                 self._event.set()
         await self._event.wait()
+
+
+class CancelWatch(LoopFlag):
+    """The stop flag of one running job, settable from any thread and awaitable from the job's loop.
+
+    It is raised by a cancel signal, or by ``hand_back`` when the worker shuts down.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.handed_back = False
+
+    def hand_back(self) -> None:
+        """Stop the job because its worker shuts down: it goes back to the queue, it is not cancelled."""
+        self.handed_back = True
+        self.set()
 
 
 class CancelSignals:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -257,6 +258,19 @@ def create_store_engine(
     return engine
 
 
+#: Leases refreshed by one statement of ``heartbeat_many`` (bounded for SQLite's bind-parameter limit).
+HEARTBEAT_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """One running job's entry in ``heartbeat_many``: its lease owner and, when it grew, its partial text."""
+
+    job_id: str
+    owner: str
+    content: str | None = None
+
+
 class JobStore:
     """Reads and writes jobs; every status write is ``UPDATE ... WHERE status IN (allowed)``."""
 
@@ -468,6 +482,50 @@ class JobStore:
         )
         with self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
+
+    def heartbeat_many(self, beats: Sequence[Heartbeat]) -> set[str]:
+        """Refresh many leases (and their partial texts) in one transaction; the owners that no longer hold theirs.
+
+        One statement refreshes every lease and returns the owners whose job is still theirs; one
+        ``executemany`` writes the new texts of those. A worker process calls it once per progress
+        interval for all of its running jobs, instead of one transaction per job.
+        """
+        if not beats:
+            return set()
+        now = utcnow()
+        held: set[str] = set()
+        with self.engine.begin() as connection:
+            for start in range(0, len(beats), HEARTBEAT_BATCH):
+                chunk = beats[start : start + HEARTBEAT_BATCH]
+                refresh = (
+                    update(JobRow)
+                    .where(
+                        JobRow.status == JobStatus.PROCESSING,
+                        JobRow.job_id.in_([beat.job_id for beat in chunk]),
+                        JobRow.lease_owner.in_([beat.owner for beat in chunk]),
+                    )
+                    .values(heartbeat_at=now, updated_at=now)
+                    .returning(JobRow.job_id, JobRow.lease_owner)
+                )
+                pairs = {(beat.job_id, beat.owner) for beat in chunk}
+                held.update(str(owner) for job_id, owner in connection.execute(refresh) if (job_id, owner) in pairs)
+            texts = [
+                {"b_job": beat.job_id, "b_owner": beat.owner, "b_content": beat.content}
+                for beat in beats
+                if beat.content is not None and beat.owner in held
+            ]
+            if texts:
+                write = (
+                    update(JobRow)
+                    .where(
+                        JobRow.job_id == bindparam("b_job"),
+                        JobRow.lease_owner == bindparam("b_owner"),
+                        JobRow.status == JobStatus.PROCESSING,
+                    )
+                    .values(content=bindparam("b_content"))
+                )
+                connection.execute(write, texts)
+        return {beat.owner for beat in beats} - held
 
     def complete(
         self,

@@ -33,9 +33,11 @@ from actors.outcomes import (
     WaitsForLane,
 )
 from actors.payloads import GenerateMessage, PreviewMessage
+from actors.progress import ProgressWriter, Running
 from actors.retry_policy import InvalidPayload as InvalidPayload
 from actors.retry_policy import JobFailed as JobFailed
 from actors.retry_policy import RetryPolicy as RetryPolicy
+from actors.stream_loop import StreamLoop
 from admission.lanes import estimate_text_tokens
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
@@ -63,17 +65,6 @@ STORE_WAIT_REQUEUE_MS = 2000
 LEASE_MARGIN_MS = 500
 
 Written = TypeVar("Written")
-
-
-@dataclass
-class _Progress:
-    pieces: list[str] = field(default_factory=list)
-    flushed_chars: int = 0
-    store_down: bool = False
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +104,13 @@ class JobRunner:
         observer: JobObserver | None = None,
         live_text: LiveText | None = None,
         lanes: LaneGate | None = None,
+        stream_loop: StreamLoop | None = None,
     ) -> None:
         self.store = store
+        self.stream_loop = stream_loop or StreamLoop()
+        """The process's one event loop: every attempt's stream runs on it."""
+        self.progress = ProgressWriter(store, interval_s=progress_interval_s)
+        """Writes every running attempt's text and heartbeat, all together, once per ``progress_interval_s``."""
         self.observer: JobObserver = observer or NullObserver()
         self.live_text = live_text or LiveText()
         self.lanes = lanes
@@ -354,9 +350,9 @@ class JobRunner:
         if lane_wait is not None:
             return WaitsForLane(lane_wait)
         attempt.started = time.monotonic()
-        progress = _Progress()
+        progress = self.progress.track(job.job_id, delivery.token)
         try:
-            outcome = asyncio.run(self._stream(job, delivery, provider, request, watch, timeout_s, progress))
+            outcome = self.stream_loop.run(self._stream(job, delivery, provider, request, watch, timeout_s, progress))
         except Exception as error:
             lane_wait = self._lane_after_failure(delivery, error, progress)
             if lane_wait is not None:
@@ -366,6 +362,8 @@ class JobRunner:
             # Shutdown or the time limit: the row stays processing and a redelivery takes the job over.
             logger.warning("attempt interrupted by %s", type(interruption).__name__, extra=attempt.log_extra)
             raise
+        finally:
+            self.progress.untrack(progress)
         self._report_lane_usage(delivery, outcome)
         return outcome
 
@@ -383,7 +381,7 @@ class JobRunner:
 
     # -- provider lanes -------------------------------------------------------------------------
 
-    def _lane_after_failure(self, delivery: Delivery, error: Exception, progress: _Progress) -> LaneWait | None:
+    def _lane_after_failure(self, delivery: Delivery, error: Exception, progress: Running) -> LaneWait | None:
         """A 429/529 pauses the delivery's lane (the wait is returned); any other failure settles to what streamed."""
         if self.lanes is None:
             return None
@@ -391,8 +389,9 @@ class JobRunner:
             wait = self.lanes.rate_limited(delivery.token, status=error.status_code, retry_after_s=error.retry_after_s)
             if wait is not None:
                 return wait
-        streamed = sum(len(piece) for piece in progress.pieces)
-        self.lanes.used(delivery.token, self.lanes.prompt_estimate(delivery.token) + estimate_text_tokens(streamed))
+        self.lanes.used(
+            delivery.token, self.lanes.prompt_estimate(delivery.token) + estimate_text_tokens(progress.chars)
+        )
         return None
 
     def _report_lane_usage(self, delivery: Delivery, outcome: Completed | Cancelled | HandedBack) -> None:
@@ -417,22 +416,22 @@ class JobRunner:
         request: ChatRequest,
         watch: CancelWatch,
         timeout_s: float,
-        progress: _Progress | None = None,
+        progress: Running,
     ) -> Completed | Cancelled | HandedBack:
-        """Read the stream while writing progress and the lease heartbeat every ``progress_interval_s``.
+        """Read the stream into ``progress``, which the process's ``ProgressWriter`` writes with the heartbeat.
 
         The stream stops when the cancel signal arrives, or when a heartbeat finds the job no longer ours.
+        Nothing here blocks the loop: the few store and Redis calls it makes run in the default executor.
         """
-        progress = progress if progress is not None else _Progress()
 
         async def pump() -> Finished:
             answering = self.lanes is not None
             async for event in provider.stream(request):
                 if answering and self.lanes is not None:
                     answering = False
-                    self.lanes.answering(delivery.token)
+                    await asyncio.to_thread(self.lanes.answering, delivery.token)
                 if isinstance(event, TextDelta):
-                    progress.pieces.append(event.text)
+                    progress.append(event.text)
                     self.live_text.append(job.job_id, job.attempts, event.text)
                 else:
                     return event
@@ -440,6 +439,7 @@ class JobRunner:
 
         task = asyncio.create_task(pump())
         signal: asyncio.Task[None] | None = asyncio.create_task(watch.wait())
+        lost = asyncio.create_task(progress.lost.wait())
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -448,27 +448,23 @@ class JobRunner:
                     raise AttemptTimedOut(
                         f"attempt exceeded the {timeout_s:.0f}s wall-clock limit", provider=provider.name
                     )
-                waiting = {task} if signal is None else {task, signal}
-                done, _ = await asyncio.wait(
-                    waiting, timeout=min(self.progress_interval_s, remaining), return_when=asyncio.FIRST_COMPLETED
-                )
+                waiting = {task, lost} if signal is None else {task, lost, signal}
+                done, _ = await asyncio.wait(waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 if task in done:
                     return Completed(progress.text, task.result())
                 if signal is not None and signal in done:
                     signal = None
                     if watch.handed_back:
-                        task.cancel()
                         return HandedBack(progress.text)
-                    if self._is_cancelled(job.job_id):
-                        task.cancel()
+                    if await asyncio.to_thread(self._is_cancelled, job.job_id):
                         return Cancelled(progress.text)
                     logger.warning(
                         "cancel signal for a job that is not cancelled; ignored", extra={"job_id": job.job_id}
                     )
-                if not self._flush(job, delivery, progress):
+                if lost in done:
                     return Cancelled(progress.text)
         finally:
-            for pending in (task, signal):
+            for pending in (task, signal, lost):
                 if pending is not None and not pending.done():
                     pending.cancel()
                     with contextlib.suppress(asyncio.CancelledError, ProviderError):
@@ -482,30 +478,6 @@ class JobRunner:
                 raise
             return False  # the next heartbeat that reaches the store tells
         return job is not None and job.status is JobStatus.CANCELLED
-
-    def _flush(self, job: Job, delivery: Delivery, progress: _Progress) -> bool:
-        """Write new text (if any) and the heartbeat; False once the job is no longer ours to run."""
-        text: str | None = None
-        length = sum(len(piece) for piece in progress.pieces)
-        if length != progress.flushed_chars:
-            text = progress.text
-        try:
-            ours = self.store.heartbeat(job.job_id, owner=delivery.token, content=text)
-        except Exception as error:
-            if not is_store_outage(error):
-                raise
-            # Only the write failed: the stream goes on, and the next flush writes all the text so far.
-            if not progress.store_down:
-                logger.warning(
-                    "job store unreachable (%s): streaming on", type(error).__name__, extra={"job_id": job.job_id}
-                )
-            progress.store_down = True
-            return True
-        if progress.store_down:
-            logger.info("job store reachable again: progress written", extra={"job_id": job.job_id})
-            progress.store_down = False
-        progress.flushed_chars = length
-        return ours
 
     # -- what a completed attempt stores -------------------------------------------------------------
 

@@ -176,6 +176,7 @@ def build_provider(settings: Settings) -> ChatProvider:
             base_url=settings.openrouter_base_url,
             api_key=key,
             read_timeout_s=settings.provider_read_timeout_s,
+            keep_alive=True,
         )
     if settings.llm_provider is ProviderName.ANTHROPIC:
         return build_anthropic_provider(settings)
@@ -202,6 +203,7 @@ def build_anthropic_provider(settings: Settings) -> ChatProvider:
         api_key=_anthropic_key(settings),
         base_url=settings.anthropic_base_url,
         read_timeout_s=settings.provider_read_timeout_s,
+        keep_alive=True,
     )
 
 

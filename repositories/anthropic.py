@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -10,7 +11,7 @@ import anthropic
 import httpx2
 from anthropic.types import MessageParam
 
-from repositories.chat import ChatMessage, ChatRequest, Finished, StreamEvent, TextDelta, Usage
+from repositories.chat import ChatMessage, ChatRequest, Finished, LoopClients, StreamEvent, TextDelta, Usage
 from repositories.errors import (
     ProviderError,
     RateLimited,
@@ -56,8 +57,9 @@ def usage_of(raw: Any) -> Usage:
 class AnthropicProvider:
     """Streams one completion from ``POST {base_url}/v1/messages`` per call; no retries of its own.
 
-    A fresh SDK client is made for every ``stream()`` call and closed at its end, because each job runs its
-    own event loop. ``frequency_penalty`` and ``presence_penalty`` are dropped: Anthropic has no such fields.
+    With ``keep_alive`` (the workers' setting) one SDK client, and so one connection pool, serves every stream
+    of an event loop; without it a fresh client is made for every ``stream()`` call and closed at its end.
+    ``frequency_penalty`` and ``presence_penalty`` are dropped: Anthropic has no such fields.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class AnthropicProvider:
         connect_timeout_s: float = 10.0,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         name: str = "anthropic",
+        keep_alive: bool = False,
     ) -> None:
         """Keep the settings; ``base_url`` None means the SDK default (or ``ANTHROPIC_BASE_URL``)."""
         self._api_key = api_key
@@ -77,6 +80,20 @@ class AnthropicProvider:
         self._timeout = anthropic.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._default_max_tokens = default_max_tokens
         self._name = name
+        self._pools = LoopClients(self._new_client, lambda client: client.close()) if keep_alive else None
+
+    def _new_client(self) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(
+            api_key=self._api_key, base_url=self._base_url, max_retries=0, timeout=self._timeout
+        )
+
+    @contextlib.asynccontextmanager
+    async def _client(self) -> AsyncIterator[anthropic.AsyncAnthropic]:
+        if self._pools is not None:
+            yield self._pools.get()
+            return
+        async with self._new_client() as client:
+            yield client
 
     @property
     def name(self) -> str:
@@ -113,9 +130,7 @@ class AnthropicProvider:
         finished: Finished | None = None
         try:
             async with (
-                anthropic.AsyncAnthropic(
-                    api_key=self._api_key, base_url=self._base_url, max_retries=0, timeout=self._timeout
-                ) as client,
+                self._client() as client,
                 client.messages.stream(**self._params(request)) as stream,
             ):
                 async for event in stream:

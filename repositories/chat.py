@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import re
-from collections.abc import AsyncIterator
+import threading
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
@@ -121,3 +125,45 @@ class ChatProvider(Protocol):
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         """Yield ``TextDelta`` events as text arrives, then exactly one ``Finished`` event."""
         ...
+
+
+Client = TypeVar("Client")
+
+
+class LoopClients(Generic[Client]):
+    """One HTTP client per event loop, made on first use: a provider's connection pool (keep-alive).
+
+    A client and its pooled connections belong to the loop that opened them, so the worker's one stream
+    loop (``actors.stream_loop``) gets one client for all of its jobs. ``close_clients`` closes every
+    client of a loop before the loop ends.
+    """
+
+    def __init__(self, build: Callable[[], Client], close: Callable[[Client], Awaitable[None]]) -> None:
+        self._build = build
+        self._close = close
+
+    def get(self) -> Client:
+        """The running loop's client."""
+        loop = asyncio.get_running_loop()
+        with _registry_lock:
+            clients = _clients.setdefault(loop, {})
+            entry = clients.get(id(self))
+            if entry is None:
+                client = self._build()
+                clients[id(self)] = (client, functools.partial(self._close, client))
+                return client
+            return cast(Client, entry[0])
+
+
+_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[int, tuple[object, Callable[[], Awaitable[None]]]]
+] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
+
+
+async def close_clients() -> None:
+    """Close every pooled client of the running loop (call it on the loop before stopping it)."""
+    with _registry_lock:
+        entries = list(_clients.pop(asyncio.get_running_loop(), {}).values())
+    for _, close in entries:
+        await close()

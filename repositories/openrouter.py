@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import ssl
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource, SSEError
 
-from repositories.chat import ChatRequest, Finished, StreamEvent, TextDelta, Usage
+from repositories.chat import ChatRequest, Finished, LoopClients, StreamEvent, TextDelta, Usage
 from repositories.errors import (
     PERMANENT_STREAM_ERROR_CODES,
     ProviderError,
@@ -25,6 +26,9 @@ from repositories.errors import (
 from repositories.redaction import redact, register_secret
 
 logger = logging.getLogger(__name__)
+
+#: Idle connections a worker keeps open to the provider for the next streams.
+KEEPALIVE_CONNECTIONS = 256
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -72,7 +76,10 @@ class OpenRouterProvider:
         connect_timeout_s: float = 10.0,
         name: str = "openrouter",
         app_title: str = "llm-job-queue",
+        keep_alive: bool = False,
     ) -> None:
+        """``keep_alive`` keeps one connection pool per event loop for every stream (the workers' setting);
+        without it each stream opens and closes its own client, which suits code that runs a loop per call."""
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         register_secret(api_key)
@@ -81,6 +88,22 @@ class OpenRouterProvider:
         self._timeout = httpx.Timeout(connect_timeout_s, read=read_timeout_s)
         self._name = name
         self._app_title = app_title
+        self._pools: LoopClients[httpx.AsyncClient] | None = (
+            LoopClients(self._new_client, lambda client: client.aclose()) if keep_alive else None
+        )
+
+    def _new_client(self) -> httpx.AsyncClient:
+        # No cap on connections: the worker's thread count already bounds how many streams run at once.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS)
+        return httpx.AsyncClient(timeout=self._timeout, verify=self._ssl_context, follow_redirects=False, limits=limits)
+
+    @contextlib.asynccontextmanager
+    async def _client(self) -> AsyncIterator[httpx.AsyncClient]:
+        if self._pools is not None:
+            yield self._pools.get()
+            return
+        async with self._new_client() as client:
+            yield client
 
     @property
     def name(self) -> str:
@@ -107,7 +130,7 @@ class OpenRouterProvider:
         """Yield text deltas, then one ``Finished``; map every failure onto ``ProviderError``."""
         try:
             async with (
-                httpx.AsyncClient(timeout=self._timeout, verify=self._ssl_context, follow_redirects=False) as client,
+                self._client() as client,
                 client.stream(
                     "POST", f"{self._base_url}/chat/completions", json=self._body(request), headers=self._headers()
                 ) as response,
@@ -135,13 +158,16 @@ class OpenRouterProvider:
         usage: Usage | None = None
         cost: float | None = None
         received_text = False
+        done: Finished | None = None
         async for sse in EventSource(response).aiter_sse():
+            if done is not None:
+                continue  # after [DONE], the body is read to its end: only then can the connection be reused
             if sse.data == "[DONE]":
                 if finish_reason is None and not received_text:
                     # llama.cpp's server, for one, ends an interrupted request this way.
                     raise StreamBroken("stream ended with no text and no finish reason", provider=self._name)
-                yield Finished(model=model, finish_reason=finish_reason, usage=usage, cost=cost)
-                return
+                done = Finished(model=model, finish_reason=finish_reason, usage=usage, cost=cost)
+                continue
             if not sse.data:
                 continue
             try:
@@ -165,7 +191,9 @@ class OpenRouterProvider:
                 usage = Usage(int(raw.get("prompt_tokens") or 0), int(raw.get("completion_tokens") or 0))
                 if raw.get("cost") is not None:
                     cost = float(raw["cost"])
-        raise StreamBroken("stream ended without [DONE]", provider=self._name)
+        if done is None:
+            raise StreamBroken("stream ended without [DONE]", provider=self._name)
+        yield done
 
     def _stream_error(self, error: Any) -> ProviderError:
         """An error chunk after the stream started: retried unless its code is a non-retryable status."""

@@ -13,6 +13,8 @@ while Redis is unreachable. The SQL store stays the source of truth.
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -99,11 +101,12 @@ class _Pending:
 class RedisLiveText(LiveText):
     """Appends each attempt's text to the job's Redis Stream, at most every ``interval_s`` per job.
 
-    Text after a quiet spell is written at once by the caller; text that follows within
-    ``interval_s`` is coalesced and written by a background thread. After a Redis error, writes are
-    dropped (with a warning) for ``retry_after_s``, so they never hold up the provider stream for
-    long. The stream is kept at about ``max_entries`` entries, lives ``active_ttl_s`` after each
-    write while the job runs, and ``ended_ttl_s`` seconds after the attempt ends.
+    Text is handed to one writer thread per process: text after a quiet spell is written at once, text
+    that follows within ``interval_s`` is coalesced, and the writes of all jobs due together go in one
+    pipeline. After a Redis error, writes are dropped (with a warning) for ``retry_after_s``, so they
+    never hold up the provider stream for long. The stream is kept at about ``max_entries`` entries,
+    lives ``active_ttl_s`` after each write while the job runs, and ``ended_ttl_s`` seconds after the
+    attempt ends.
     """
 
     def __init__(
@@ -123,6 +126,9 @@ class RedisLiveText(LiveText):
         self.ended_ttl_s = ended_ttl_s
         self.retry_after_s = retry_after_s
         self._pending: dict[str, _Pending] = {}
+        self._due: list[tuple[float, int, str, _Pending]] = []
+        """A heap of the pendings with queued text, by when they are due: the writer never scans every job."""
+        self._sequence = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._write_lock = threading.Lock()
@@ -155,25 +161,24 @@ class RedisLiveText(LiveText):
             self._write(job_id, [LiveEntry("status", 0)], ttl_s=self.ended_ttl_s)
 
     def append(self, job_id: str, attempt: int, text: str) -> None:
-        """Write ``text`` now when the job's last write is ``interval_s`` old; else queue it for then."""
+        """Queue ``text`` for the writer thread: written at once when the job's last write is ``interval_s`` old.
+
+        It never blocks on Redis: it is called from the worker's stream loop, which serves every job's stream.
+        """
         if not text:
             return
         with self._lock:
             pending = self._pending.get(job_id)
             if pending is None or pending.attempt != attempt:
                 return
-            if not pending.pieces:
-                pending.due = max(time.monotonic(), pending.last_write + self.interval_s)
+            first = not pending.pieces
             pending.pieces.append(text)
-            if pending.due > time.monotonic():
-                self._ensure_thread()
-                self._wake.notify()
-                return
-        # Written by the caller itself: no hand-off to the writer thread on the fast path.
-        with self._write_lock:
-            with self._lock:
-                entries = self._take(pending) if self._pending.get(job_id) is pending else []
-            self._write(job_id, entries, ttl_s=self.active_ttl_s)
+            if first:
+                pending.due = max(time.monotonic(), pending.last_write + self.interval_s)
+                heapq.heappush(self._due, (pending.due, next(self._sequence), job_id, pending))
+                if self._due[0][3] is pending:
+                    self._ensure_thread()
+                    self._wake.notify()
 
     def _take(self, pending: _Pending) -> list[LiveEntry]:
         """The queued text of ``pending`` as one entry (caller holds ``_lock``)."""
@@ -195,18 +200,35 @@ class RedisLiveText(LiveText):
         while True:
             with self._lock:
                 now = time.monotonic()
-                waiting = [p.due for p in self._pending.values() if p.pieces]
-                if not waiting or min(waiting) > now:
-                    self._wake.wait(timeout=None if not waiting else min(waiting) - now)
+                if not self._due or self._due[0][0] > now:
+                    self._wake.wait(timeout=None if not self._due else self._due[0][0] - now)
                     continue
             with self._write_lock:
                 with self._lock:
                     now = time.monotonic()
-                    batches = {
-                        job_id: self._take(p) for job_id, p in self._pending.items() if p.pieces and p.due <= now
-                    }
-                for job_id, entries in batches.items():
-                    self._write(job_id, entries, ttl_s=self.active_ttl_s)
+                    batches: dict[str, list[LiveEntry]] = {}
+                    while self._due and self._due[0][0] <= now:
+                        _, _, job_id, pending = heapq.heappop(self._due)
+                        if self._pending.get(job_id) is pending and pending.pieces:
+                            batches[job_id] = self._take(pending)
+                self._write_many(batches, ttl_s=self.active_ttl_s)
+
+    def _write_many(self, batches: dict[str, list[LiveEntry]], *, ttl_s: int) -> None:
+        """XADD the entries of many jobs in one pipeline (one round trip) and refresh their expiry; never raises."""
+        batches = {job_id: entries for job_id, entries in batches.items() if entries}
+        if not batches or time.monotonic() < self._down_until:
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for job_id, entries in batches.items():
+                key = stream_key(job_id)
+                for entry in entries:
+                    pipe.xadd(key, entry.fields(), maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
+                pipe.expire(key, ttl_s)
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._down_until = time.monotonic() + self.retry_after_s
+            logger.warning("live text not written (Redis: %s); readers fall back to the job store", type(exc).__name__)
 
     def _write(self, job_id: str, entries: list[LiveEntry], *, ttl_s: int, fresh: bool = False) -> None:
         """XADD the entries (after deleting the stream when ``fresh``) and set its expiry; never raises."""

@@ -45,6 +45,8 @@ class StreamingServer:
         self.chunk_delay_s = chunk_delay_s
         self.received: dict[str, float] = {}
         self.requests = 0
+        self.connections = 0
+        """TCP connections accepted: fewer than ``requests`` when clients keep them alive."""
         self.completed = 0
         self.open_streams = 0
         self.peak_open_streams = 0
@@ -91,17 +93,24 @@ class StreamingServer:
             loop.run_forever()
         finally:
             self._server.close()
+            # Connections kept alive by clients are served by tasks still waiting for a next request.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
             while await self._one_request(reader, writer):
                 pass
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
             pass
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
+                await writer.wait_closed()
 
     async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         request_line = await reader.readline()

@@ -1,0 +1,135 @@
+"""One event loop per worker process, pooled provider connections, and progress written in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+from actors.jobs import Delivery, JobRunner, RetryPolicy
+from actors.payloads import GenerateMessage
+from actors.progress import ProgressWriter
+from actors.stream_loop import StreamLoop
+from bench.sse_server import StreamingServer
+from repositories.chat import ChatMessage, ChatRequest, StreamEvent
+from repositories.openrouter import OpenRouterProvider
+from repositories.scripted import ScriptedProvider, ScriptedReply
+from repositories.store import Heartbeat, JobKind, JobStatus, JobStore
+from tests.conftest import unique
+
+
+class LoopRecordingProvider(ScriptedProvider):
+    """A scripted provider that notes the event loop and thread each stream ran on."""
+
+    def __init__(self) -> None:
+        super().__init__([ScriptedReply(pieces=("a", "b"), delay_s=0.05)])
+        self.loops: list[int] = []
+        self.threads: list[int] = []
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        self.loops.append(id(asyncio.get_running_loop()))
+        self.threads.append(threading.get_ident())
+        async for event in super().stream(request):
+            yield event
+
+
+def _generate(job_id: str) -> GenerateMessage:
+    return GenerateMessage.model_validate(
+        {
+            "job_id": job_id,
+            "user_id": unique("u"),
+            "params": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        }
+    )
+
+
+def _claimed(store: JobStore, job_id: str, owner: str) -> None:
+    store.create(job_id=job_id, user_id="u1", kind=JobKind.GENERATE, request={}, enqueued=True)
+    assert store.claim(job_id, owner=owner, message_id="m", lease_s=30, user_id="u1", kind=JobKind.GENERATE)
+
+
+def test_every_attempt_of_a_process_streams_on_one_event_loop(sqlite_store: JobStore) -> None:
+    # Given one runner (one worker process) and four jobs run by four worker threads at once
+    provider = LoopRecordingProvider()
+    runner = JobRunner(
+        store=sqlite_store,
+        provider_factory=lambda: provider,
+        preview_model="p",
+        retry_policy=RetryPolicy(min_backoff_ms=100, max_backoff_ms=400),
+        progress_interval_s=0.05,
+    )
+    job_ids = [unique("job") for _ in range(4)]
+    threads = [
+        threading.Thread(target=runner.run_generation, args=(_generate(job_id), Delivery(message_id=job_id, retries=0)))
+        for job_id in job_ids
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    # Then every job completed, and all four streams ran on the same loop, in a thread of its own
+    assert [sqlite_store.get(job_id).status for job_id in job_ids] == [JobStatus.COMPLETED] * 4  # type: ignore[union-attr]
+    assert len(set(provider.loops)) == 1
+    assert set(provider.threads).isdisjoint(thread.ident for thread in threads)
+
+
+def test_a_keep_alive_provider_reuses_its_connection_for_the_next_stream() -> None:
+    # Given a streaming server that keeps connections alive, and the worker's one stream loop
+    request = ChatRequest(model="m", messages=[ChatMessage(role="user", content="hi")])
+    loop = StreamLoop()
+
+    async def drain(provider: OpenRouterProvider) -> None:
+        async for _ in provider.stream(request):
+            pass
+
+    try:
+        with StreamingServer(chunks=2) as server:
+            pooled = OpenRouterProvider(base_url=server.base_url, api_key=None, keep_alive=True)
+            # When three streams run one after another through a keep-alive provider
+            for _ in range(3):
+                loop.run(drain(pooled))
+            # Then they shared one connection
+            assert (server.requests, server.connections) == (3, 1)
+            # While a provider without keep-alive opens one per stream
+            single = OpenRouterProvider(base_url=server.base_url, api_key=None)
+            for _ in range(2):
+                loop.run(drain(single))
+            assert (server.requests, server.connections) == (5, 3)
+    finally:
+        loop.close()
+
+
+def test_heartbeats_of_many_jobs_are_one_call_and_name_the_leases_lost(sqlite_store: JobStore) -> None:
+    # Given three running jobs, one of which was cancelled meanwhile
+    jobs = [(unique("job"), unique("owner")) for _ in range(3)]
+    for job_id, owner in jobs:
+        _claimed(sqlite_store, job_id, owner)
+    assert sqlite_store.cancel(jobs[2][0], user_id="u1")
+    # When their heartbeats and texts are written together
+    lost = sqlite_store.heartbeat_many(
+        [Heartbeat(jobs[0][0], jobs[0][1], "first"), Heartbeat(jobs[1][0], jobs[1][1]), Heartbeat(*jobs[2], "late")]
+    )
+    # Then only the cancelled job's lease is reported lost, and only held rows got text
+    assert lost == {jobs[2][1]}
+    assert [sqlite_store.get(job_id).content for job_id, _ in jobs] == ["first", "", ""]  # type: ignore[union-attr]
+
+
+def test_the_progress_writer_writes_every_tracked_job_and_raises_lost_on_a_cancelled_one(
+    sqlite_store: JobStore,
+) -> None:
+    # Given two tracked attempts that streamed some text, one of them cancelled
+    writer = ProgressWriter(sqlite_store, interval_s=60)
+    (kept_id, kept_owner), (gone_id, gone_owner) = [(unique("job"), unique("owner")) for _ in range(2)]
+    for job_id, owner in ((kept_id, kept_owner), (gone_id, gone_owner)):
+        _claimed(sqlite_store, job_id, owner)
+    kept, gone = writer.track(kept_id, kept_owner), writer.track(gone_id, gone_owner)
+    kept.append("hello ")
+    kept.append("world")
+    gone.append("x")
+    assert sqlite_store.cancel(gone_id, user_id="u1")
+    # When the writer writes its batch
+    writer.write([kept, gone])
+    # Then the kept job's text is stored, and the cancelled one is told its lease is lost
+    assert sqlite_store.get(kept_id).content == "hello world"  # type: ignore[union-attr]
+    assert not kept.lost.is_set()
+    assert gone.lost.is_set()

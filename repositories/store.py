@@ -21,7 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -509,22 +509,20 @@ class JobStore:
                 )
                 pairs = {(beat.job_id, beat.owner) for beat in chunk}
                 held.update(str(owner) for job_id, owner in connection.execute(refresh) if (job_id, owner) in pairs)
-            texts = [
-                {"b_job": beat.job_id, "b_owner": beat.owner, "b_content": beat.content}
-                for beat in beats
-                if beat.content is not None and beat.owner in held
-            ]
-            if texts:
+            grown = [beat for beat in beats if beat.content is not None and beat.owner in held]
+            for start in range(0, len(grown), HEARTBEAT_BATCH):
+                chunk = grown[start : start + HEARTBEAT_BATCH]
+                # One statement for the chunk (a CASE on job_id), not one per row: one round trip, one step.
                 write = (
                     update(JobRow)
                     .where(
-                        JobRow.job_id == bindparam("b_job"),
-                        JobRow.lease_owner == bindparam("b_owner"),
                         JobRow.status == JobStatus.PROCESSING,
+                        JobRow.job_id.in_([beat.job_id for beat in chunk]),
+                        JobRow.lease_owner.in_([beat.owner for beat in chunk]),
                     )
-                    .values(content=bindparam("b_content"))
+                    .values(content=case({beat.job_id: beat.content for beat in chunk}, value=JobRow.job_id))
                 )
-                connection.execute(write, texts)
+                connection.execute(write)
         return {beat.owner for beat in beats} - held
 
     def complete(

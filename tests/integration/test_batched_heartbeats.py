@@ -1,0 +1,44 @@
+"""``JobStore.heartbeat_many`` on both stores: one call for many leases, texts only where the lease is held."""
+
+from __future__ import annotations
+
+import pytest
+
+from repositories.store import HEARTBEAT_BATCH, Heartbeat, JobKind, JobStore
+from tests.conftest import unique
+
+pytestmark = pytest.mark.integration
+
+
+def _claimed(store: JobStore, count: int) -> list[tuple[str, str]]:
+    jobs = [(unique("job"), unique("owner")) for _ in range(count)]
+    for job_id, owner in jobs:
+        store.create(job_id=job_id, user_id="u1", kind=JobKind.GENERATE, request={}, enqueued=True)
+        assert store.claim(job_id, owner=owner, message_id="m", lease_s=30, user_id="u1", kind=JobKind.GENERATE)
+    return jobs
+
+
+def test_more_leases_than_one_statement_holds_are_all_refreshed_and_written(store: JobStore) -> None:
+    # Given more running jobs than one statement of heartbeat_many takes, two of them no longer held
+    jobs = _claimed(store, HEARTBEAT_BATCH + 3)
+    assert store.cancel(jobs[0][0], user_id="u1")
+    assert store.cancel(jobs[-1][0], user_id="u1")
+    # When every one of them beats, each with new text
+    lost = store.heartbeat_many([Heartbeat(job_id, owner, f"text of {job_id}") for job_id, owner in jobs])
+    # Then exactly the two cancelled leases are lost, and every held job has its own text
+    assert lost == {jobs[0][1], jobs[-1][1]}
+    for job_id, _ in jobs[1:-1]:
+        job = store.get(job_id)
+        assert job is not None
+        assert job.content == f"text of {job_id}"
+    assert store.get(jobs[0][0]).content == ""  # type: ignore[union-attr]
+
+
+def test_a_lease_taken_over_by_another_owner_is_lost_to_the_old_one(store: JobStore) -> None:
+    # Given a running job whose beat names a stale owner
+    ((job_id, owner),) = _claimed(store, 1)
+    # When the stale owner and the real one beat in the same call
+    lost = store.heartbeat_many([Heartbeat(job_id, "someone-else", "stale"), Heartbeat(job_id, owner, "fresh")])
+    # Then only the stale owner lost, and the row holds the real owner's text
+    assert lost == {"someone-else"}
+    assert store.get(job_id).content == "fresh"  # type: ignore[union-attr]

@@ -23,14 +23,17 @@ def test_more_leases_than_one_statement_holds_are_all_refreshed_and_written(stor
     jobs = _claimed(store, HEARTBEAT_BATCH + 3)
     assert store.cancel(jobs[0][0], user_id="u1")
     assert store.cancel(jobs[-1][0], user_id="u1")
-    # When every one of them beats, each with new text
-    lost = store.heartbeat_many([Heartbeat(job_id, owner, f"text of {job_id}") for job_id, owner in jobs])
-    # Then exactly the two cancelled leases are lost, and every held job has its own text
+    # When every one of them beats, every other one with new text
+    texts = [f"text of {job_id}" if index % 2 else None for index, (job_id, _) in enumerate(jobs)]
+    lost = store.heartbeat_many(
+        [Heartbeat(job_id, owner, text) for (job_id, owner), text in zip(jobs, texts, strict=True)]
+    )
+    # Then exactly the two cancelled leases are lost, and every held job has its own text, or none
     assert lost == {jobs[0][1], jobs[-1][1]}
-    for job_id, _ in jobs[1:-1]:
+    for (job_id, _), text in zip(jobs[1:-1], texts[1:-1], strict=True):
         job = store.get(job_id)
         assert job is not None
-        assert job.content == f"text of {job_id}"
+        assert job.content == (text or "")
     assert store.get(jobs[0][0]).content == ""  # type: ignore[union-attr]
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
-    case,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -484,43 +484,47 @@ class JobStore:
             return connection.execute(statement).rowcount == 1
 
     def heartbeat_many(self, beats: Sequence[Heartbeat]) -> set[str]:
-        """Refresh many leases and write their grown texts, a few statements for all; the owners that lost theirs.
+        """Refresh many leases (and their partial texts) in one transaction; the owners that no longer hold theirs.
 
-        A worker process calls it once per progress interval for all of its running jobs, instead of one
-        transaction per job. Per chunk of ``HEARTBEAT_BATCH`` there is one short transaction: one UPDATE
-        writes the grown texts (a CASE on job_id), then one refreshes the leases and returns those still
-        held. Both match only rows still ``processing`` under their beat's owner, so a text never lands on
-        a job that was cancelled or taken over. The text statement comes first: SQLite's write lock is
-        taken by the first write, so the compilation of the big statement happens before it.
+        One statement refreshes every lease and returns the owners whose job is still theirs; one
+        ``executemany`` writes the new texts of those. A worker process calls it once per progress
+        interval for all of its running jobs, instead of one transaction per job.
         """
+        if not beats:
+            return set()
         now = utcnow()
         held: set[str] = set()
-        for start in range(0, len(beats), HEARTBEAT_BATCH):
-            chunk = beats[start : start + HEARTBEAT_BATCH]
-            ours = (
-                JobRow.status == JobStatus.PROCESSING,
-                JobRow.job_id.in_([beat.job_id for beat in chunk]),
-                JobRow.lease_owner.in_([beat.owner for beat in chunk]),
-            )
-            texts = {beat.job_id: beat.content for beat in chunk if beat.content is not None}
-            refresh = (
-                update(JobRow)
-                .where(*ours)
-                .values(heartbeat_at=now, updated_at=now)
-                .returning(JobRow.job_id, JobRow.lease_owner)
-            )
-            with self.engine.begin() as connection:
-                if texts:
-                    grown = (
+        with self.engine.begin() as connection:
+            for start in range(0, len(beats), HEARTBEAT_BATCH):
+                chunk = beats[start : start + HEARTBEAT_BATCH]
+                refresh = (
+                    update(JobRow)
+                    .where(
                         JobRow.status == JobStatus.PROCESSING,
-                        JobRow.job_id.in_(list(texts)),
-                        JobRow.lease_owner.in_([beat.owner for beat in chunk if beat.content is not None]),
+                        JobRow.job_id.in_([beat.job_id for beat in chunk]),
+                        JobRow.lease_owner.in_([beat.owner for beat in chunk]),
                     )
-                    content = case(texts, value=JobRow.job_id, else_=JobRow.content)
-                    connection.execute(update(JobRow).where(*grown).values(content=content))
-                rows = connection.execute(refresh).all()
-            pairs = {(beat.job_id, beat.owner) for beat in chunk}
-            held.update(str(owner) for job_id, owner in rows if (job_id, owner) in pairs)
+                    .values(heartbeat_at=now, updated_at=now)
+                    .returning(JobRow.job_id, JobRow.lease_owner)
+                )
+                pairs = {(beat.job_id, beat.owner) for beat in chunk}
+                held.update(str(owner) for job_id, owner in connection.execute(refresh) if (job_id, owner) in pairs)
+            texts = [
+                {"b_job": beat.job_id, "b_owner": beat.owner, "b_content": beat.content}
+                for beat in beats
+                if beat.content is not None and beat.owner in held
+            ]
+            if texts:
+                write = (
+                    update(JobRow)
+                    .where(
+                        JobRow.job_id == bindparam("b_job"),
+                        JobRow.lease_owner == bindparam("b_owner"),
+                        JobRow.status == JobStatus.PROCESSING,
+                    )
+                    .values(content=bindparam("b_content"))
+                )
+                connection.execute(write, texts)
         return {beat.owner for beat in beats} - held
 
     def complete(

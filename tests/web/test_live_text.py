@@ -76,15 +76,31 @@ def test_an_unreachable_redis_never_fails_the_attempt() -> None:
         live.append("job", 1, "text")
 
 
-def test_the_first_text_after_a_quiet_spell_is_written_before_append_returns() -> None:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
+class _ThreadNotingRedis(redis.Redis):
+    """A Redis client that notes which thread opened each pipeline."""
+
+    pipeline_threads: list[str]
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        self.pipeline_threads.append(threading.current_thread().name)
+        return super().pipeline(*args, **kwargs)
+
+
+def test_appended_text_is_written_by_the_writer_thread_at_once_after_a_quiet_spell_and_never_by_the_caller() -> None:
+    client = _ThreadNotingRedis(connection_pool=redis.ConnectionPool.from_url(TEST_REDIS_URL))
+    client.pipeline_threads = []
     live = RedisLiveText(client, interval_s=0.05)
     job_id = uuid.uuid4().hex
     with live.attempt(job_id, 1):
+        client.pipeline_threads.clear()
         live.append(job_id, 1, "now")
-        assert _entries(client, job_id)[-1] == LiveEntry("text", 1, 0, "now")
-        live.append(job_id, 1, " later")  # within the interval: left to the writer thread
+        wait_until(lambda: _entries(client, job_id)[-1] == LiveEntry("text", 1, 0, "now"), timeout=2)
+        live.append(job_id, 1, " later")  # within the interval: coalesced, written when it is due
         wait_until(lambda: _entries(client, job_id)[-1] == LiveEntry("text", 1, 3, " later"), timeout=2)
+        # The caller (the worker's stream loop) never waited on Redis: only the writer thread wrote
+        assert set(client.pipeline_threads) == {"live-text-writer"}
+    client.close()
+    client.connection_pool.disconnect()
 
 
 def test_a_status_change_is_one_status_entry_after_the_attempts_end_and_no_second_end() -> None:

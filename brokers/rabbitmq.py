@@ -20,6 +20,7 @@ provider lanes, the cancel signals and the live text. What differs from the Redi
 from __future__ import annotations
 
 import dramatiq
+import pika.exceptions  # type: ignore[import-untyped]
 import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
@@ -41,6 +42,19 @@ class RabbitmqJobBroker(ParkAtSend, RabbitmqBroker):
     def __init__(self, *, url: str, client: redis.Redis, middleware: list[dramatiq.Middleware]) -> None:
         super().__init__(url=url, confirm_delivery=True, middleware=middleware)
         self.client = client
+
+    def flush(self, queue_name: str) -> None:
+        """Dramatiq's ``flush``, on a new connection when the thread's one is found closed.
+
+        A ``BlockingConnection`` answers RabbitMQ's heartbeats only while it is used, so RabbitMQ drops the
+        connection of a process that has not used it for a while (a web process, a test session). Dramatiq's
+        ``enqueue`` opens a new connection when that happens; its ``flush`` does not, and fails instead.
+        """
+        try:
+            super().flush(queue_name)
+        except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError):
+            del self.connection
+            super().flush(queue_name)
 
 
 def rabbitmq_broker(

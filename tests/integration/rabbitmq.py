@@ -27,7 +27,8 @@ TEST_RABBITMQ_URL = os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.
 TEST_RABBITMQ_USER = os.environ.get("TEST_RABBITMQ_USER", "guest")
 
 
-def _rabbitmqctl(*args: str) -> bool:
+def rabbitmqctl(*args: str) -> bool:
+    """Run ``rabbitmqctl -q args``: True when it succeeded (False too when it is not installed)."""
     command = shutil.which("rabbitmqctl")
     if command is None:
         return False
@@ -44,13 +45,13 @@ def own_vhost() -> Iterator[str]:
     if not port_open(host, int(port or 5672)):
         raise RuntimeError(f"RabbitMQ does not answer at {host_port} (.ci/run starts it)")
     name = f"llmq-test-{uuid.uuid4().hex[:10]}"
-    if _rabbitmqctl("add_vhost", name) and _rabbitmqctl(
+    if rabbitmqctl("add_vhost", name) and rabbitmqctl(
         "set_permissions", "-p", name, TEST_RABBITMQ_USER, ".*", ".*", ".*"
     ):
         try:
             yield f"{TEST_RABBITMQ_URL.rstrip('/')}/{quote(name, safe='')}"
         finally:
-            _rabbitmqctl("delete_vhost", name)
+            rabbitmqctl("delete_vhost", name)
         return
     logger.warning("rabbitmqctl could not add a virtual host: the tests use the default one")
     yield f"{TEST_RABBITMQ_URL.rstrip('/')}/%2F"

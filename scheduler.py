@@ -11,10 +11,9 @@ import logging
 import signal
 import sys
 from datetime import UTC, datetime
-from types import FrameType
 
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
-from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 
 from middleware.log_format import formatter_for
@@ -47,9 +46,9 @@ def resend_unsent(pending_after_s: float = 60.0) -> None:
 
 def build_scheduler(
     cron: str, *, timezone: str = "UTC", resend_every_s: int = 60, pending_after_s: float = 60.0
-) -> BlockingScheduler:
-    """A blocking scheduler: ``send_cleanup`` on the crontab ``cron``, the reconciler every ``resend_every_s``."""
-    scheduler = BlockingScheduler(timezone=timezone)
+) -> BackgroundScheduler:
+    """A background scheduler: ``send_cleanup`` on the crontab ``cron``, the reconciler every ``resend_every_s``."""
+    scheduler = BackgroundScheduler(timezone=timezone)
     scheduler.add_job(
         resend_unsent,
         "interval",
@@ -86,12 +85,11 @@ def main() -> int:
         pending_after_s=settings.reconcile_pending_after_s,
     )
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        logger.info("received %s, stopping", signal.Signals(signum).name)
-        scheduler.shutdown(wait=False)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    # SIGINT and SIGTERM are blocked in every thread (the scheduler's inherit it) and taken by sigwait below:
+    # no signal handler runs, because one that stops the scheduler deadlocks when the signal lands while
+    # the main thread holds the lock the stop needs (the threading.Event a BlockingScheduler sleeps on).
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
 
     def log_next_run(_event: JobExecutionEvent | None = None) -> None:
         job = scheduler.get_job("cleanup_old_jobs")
@@ -107,6 +105,9 @@ def main() -> int:
     )
     log_next_run()
     scheduler.start()
+    received = signal.sigwait(stop_signals)
+    logger.info("received %s, stopping", signal.Signals(received).name)
+    scheduler.shutdown(wait=False)
     logger.info("scheduler stopped")
     return 0
 

@@ -59,6 +59,37 @@ def test_the_scheduler_logs_its_next_run_and_stops_on_sigterm(tmp_path: Path) ->
             process.wait()
 
 
+def test_a_sigterm_the_moment_the_scheduler_starts_still_stops_it_cleanly() -> None:
+    # A stop signal can land while the scheduler is still starting (a deploy that restarts at once).
+    for _attempt in range(5):
+        # Given a scheduler process whose start-up log line has just been printed
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(
+            [sys.executable, "scheduler.py"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert process.stdout is not None
+        try:
+            output = b""
+            while b"next cleanup at" not in output:
+                chunk = os.read(process.stdout.fileno(), 4096)
+                assert chunk, output.decode(errors="replace")
+                output += chunk
+            # When SIGTERM arrives at once
+            process.send_signal(signal.SIGTERM)
+            # Then it exits 0 within seconds, saying it stopped
+            rest, _ = process.communicate(timeout=10)
+            assert process.returncode == 0, (output + rest).decode(errors="replace")
+            assert b"scheduler stopped" in output + rest
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
 def test_an_invalid_cron_stops_the_scheduler_naming_the_variable(tmp_path: Path) -> None:
     env = {**os.environ, "CLEANUP_CRON": "every night"}
     result = subprocess.run(

@@ -297,10 +297,13 @@ def test_a_redelivery_after_a_worker_crash_resets_the_stream_without_duplicating
 def test_a_job_parked_by_its_users_throttle_streams_a_waiting_status(stack: Stack, http: httpx.Client) -> None:
     # Given a user already running as many jobs as the limit allows (5), each streaming for a few seconds
     user = unique("busy")
-    for _ in range(5):
-        busy = unique("busy-job")
-        stack.server.script_for(busy, Reply.ok(*["b "] * 15, chunk_delay_s=0.2))
+    busy_jobs = [unique("busy-job") for _ in range(5)]
+    for busy in busy_jobs:
+        stack.server.script_for(busy, Reply.ok(*["b "] * 15, chunk_delay_s=0.4))
         _submit(http, user, busy)
+    # (all five started: otherwise the next job may take a slot first and one of these is parked instead)
+    for busy in busy_jobs:
+        stack.wait_for_status(busy, JobStatus.PROCESSING)
     key = unique("parked")
     stack.server.script_for(key, Reply.ok("my ", "turn"))
     # When one more job of that user is followed

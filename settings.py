@@ -102,8 +102,9 @@ class Settings(BaseSettings):
     re-run takes over, in seconds; the attempt waits, it never spends a provider retry on it."""
     shutdown_grace_s: Annotated[int, Field(ge=0)] = 20
     """On SIGTERM, running jobs may go on this long before they are handed back to the queue, in seconds."""
-    worker_poll_interval_ms: Annotated[int, Field(ge=10, le=1000)] = 20
-    """The longest an idle queue consumer sleeps between Redis polls, in milliseconds."""
+    worker_poll_interval_ms: Annotated[int, Field(ge=10, le=1000)] = 1000
+    """The longest an idle queue consumer sleeps between Redis fetches when no enqueue wakes it, in milliseconds
+    (every enqueue, by any process, wakes the consumers of its queue over pub/sub; this is the fallback)."""
     database_connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 3.0
     """Longest wait to open a PostgreSQL connection or take one from the pool, in seconds."""
     database_statement_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0

@@ -92,6 +92,8 @@ def run_mode(mode: str, *, heavy: int, light_users: int, threads: int, workdir: 
             "GENERATE_USER_CONCURRENCY": str(LIMIT),
             "PYTHONUNBUFFERED": "1",
             "BENCH_WAKE_IDLE_CONSUMERS": "false" if mode == "polling" else "true",
+            # polling alone, at the 20 ms cap that was the default before consumers woke on a push
+            **({"WORKER_POLL_INTERVAL_MS": "20"} if mode == "polling" else {}),
         }
         worker = WorkerProcess(
             env, workdir / f"worker-{mode}.log", threads=threads, actors_module="bench.throttle_actors"

@@ -1,15 +1,18 @@
-"""The Redis broker of this project: Dramatiq's ``RedisBroker`` whose idle consumers wake on local enqueues."""
+"""The Redis broker of this project: Dramatiq's ``RedisBroker`` whose idle consumers wake on a push."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import dramatiq
 import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.common import compute_backoff
+from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed, DecodeError
 
 from admission.sending import ParkAtSend
@@ -19,14 +22,17 @@ logger = logging.getLogger(__name__)
 
 
 class WakingRedisBroker(ParkAtSend, RedisBroker):
-    """A Redis broker whose idle consumers wake as soon as their own process enqueues a message for them.
+    """A Redis broker whose idle consumers sleep until a message is enqueued for them, by any process.
 
     Dramatiq's Redis consumer polls: when its queue is empty it sleeps (with backoff, up to the
-    worker's timeout) before the next fetch. A throttle slot freed by a finishing job is handed to the
-    next parked message by enqueueing it from the worker thread that just became free; with plain
-    polling that message waits out the consumer's sleep (15 ms on average at a 20 ms cap, once per
-    handoff). Here the consumer sleeps on an event that a local enqueue sets, so it fetches at once.
-    Messages enqueued by other processes are still found by polling.
+    worker's timeout) before the next fetch, so an idle worker process sends Redis a fetch per queue
+    every few milliseconds at a low cap, and a message waits out the sleep at a high one. Here:
+
+    - every enqueue, delayed ones included, also ``PUBLISH``es the queue's name on ``wake_channel``;
+    - each worker process subscribes once (``WakeListener``) and sets the local event of that queue;
+    - the consumer sleeps on that event, up to ``idle_poll_ms`` (a fallback poll, for a wake-up lost
+      while the subscription reconnects), and never past the next delayed message it holds coming due;
+    - an ack or nack wakes it too: a consumer at its prefetch limit fetches again as soon as a slot frees.
 
     Only ``consumer_class`` (a documented hook of ``RedisBroker``) and ``enqueue`` are overridden; the
     consumer's own fetch, ack and requeue logic is Dramatiq's. A body that cannot be decoded is
@@ -35,11 +41,18 @@ class WakingRedisBroker(ParkAtSend, RedisBroker):
 
     #: Off, consumers only poll, as with Dramatiq's own broker (``bench/throttle.py`` measures both).
     wake_idle_consumers = True
+    #: The longest an idle consumer sleeps with no wake-up (``WORKER_POLL_INTERVAL_MS``; set by ``WorkerTuning``).
+    idle_poll_ms = 1_000
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._wakeups: dict[str, threading.Event] = {}
         self._wakeups_lock = threading.Lock()
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        # Pub/sub channels are shared by every database of a Redis server: one channel per database, so that
+        # deployments (or test runs) on other databases of the same server do not wake these consumers.
+        db = self.client.connection_pool.connection_kwargs.get("db", 0)
+        self.wake_channel = f"{self.namespace}:wake:{db}"
+        self._listener: WakeListener | None = None
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
@@ -51,25 +64,133 @@ class WakingRedisBroker(ParkAtSend, RedisBroker):
         with self._wakeups_lock:
             return self._wakeups.setdefault(queue_name, threading.Event())
 
+    def wake(self, queue_name: str | None = None) -> None:
+        """Set the local event of ``queue_name`` (of every queue: None) if this process consumes it."""
+        with self._wakeups_lock:
+            events = list(self._wakeups.values()) if queue_name is None else [self._wakeups.get(queue_name)]
+        for event in events:
+            if event is not None:
+                event.set()
+
+    def listen_for_wakeups(self) -> None:
+        """Subscribe this process to ``wake_channel`` (once; a consumer calls it when it is built)."""
+        if not self.wake_idle_consumers:
+            return
+        with self._wakeups_lock:
+            if self._listener is None:
+                self._listener = WakeListener(self.client, self.wake_channel, self.wake)
+                self._listener.start()
+
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        """Enqueue as Dramatiq does, then wake this process's consumer of the queue (if it has one)."""
+        """Enqueue as Dramatiq does, then wake the consumers of the queue: this process's, and by a push, all."""
         enqueued: dramatiq.Message[Any] = super().enqueue(message, delay=delay)
-        if delay is None and self.wake_idle_consumers:
-            wakeup = self._wakeups.get(enqueued.queue_name)
-            if wakeup is not None:
-                wakeup.set()
+        if self.wake_idle_consumers:
+            self.wake(enqueued.queue_name)
+            try:
+                self.client.publish(self.wake_channel, enqueued.queue_name)
+            except redis.RedisError as exc:
+                # The message is enqueued; consumers elsewhere find it at their next fallback poll.
+                logger.debug("could not publish the wake-up of %s (%s)", enqueued.queue_name, type(exc).__name__)
         return enqueued
+
+    def close(self) -> None:
+        """Stop the wake-up subscription, then close as Dramatiq does."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        super().close()
+
+
+class WakeListener:
+    """One pub/sub subscription per process: each queue name published on ``channel`` wakes that queue's consumer.
+
+    Every confirmed subscription (the first, and each after a lost connection) wakes every consumer once: a
+    message enqueued before it was confirmed published its wake-up to nobody here, and Redis does not replay.
+    A lost subscription is retried a second later. ``stop`` publishes on a channel of this listener's own,
+    so that it returns at once instead of at the next one-second read timeout.
+    """
+
+    def __init__(self, client: redis.Redis, channel: str, wake: Callable[[str | None], None]) -> None:
+        self._client = client
+        self._channel = channel
+        self._stop_channel = f"{channel}:stop:{uuid.uuid4().hex}"
+        self._wake = wake
+        self._stopping = threading.Event()
+        #: Set once the first subscription is confirmed (and every consumer woken for it).
+        self.subscribed = threading.Event()
+        self._thread = threading.Thread(target=self._listen_forever, name="wake-listener", daemon=True)
+
+    def start(self) -> None:
+        """Start the listening thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop it: at once when Redis answers, else within a second."""
+        self._stopping.set()
+        with contextlib.suppress(redis.RedisError):
+            self._client.publish(self._stop_channel, b"")
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _listen_forever(self) -> None:
+        lost = False
+        while not self._stopping.is_set():
+            try:
+                self._listen(after_loss=lost)
+            except redis.RedisError as exc:
+                if not lost:
+                    logger.warning("wake-up subscription lost Redis (%s); consumers poll until it is back", exc)
+                lost = True
+                self._stopping.wait(1.0)
+
+    def _listen(self, *, after_loss: bool) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self._channel, self._stop_channel)
+            while not self._stopping.is_set():
+                message = pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                channel = message.get("channel")
+                if isinstance(channel, bytes):
+                    channel = channel.decode()
+                if channel != self._channel:
+                    continue  # the stop channel: the loop condition decides
+                if message.get("type") == "subscribe":
+                    if after_loss:
+                        logger.info("wake-up subscription is back")
+                    after_loss = False
+                    self._wake(None)
+                    self.subscribed.set()
+                elif message.get("type") == "message":
+                    data = message["data"]
+                    self._wake(data.decode() if isinstance(data, bytes) else str(data))
+        finally:
+            pubsub.close()
 
 
 class _WakingConsumer(_RedisConsumer):
-    """Dramatiq's Redis consumer with its idle sleep moved onto an event that a local enqueue sets."""
+    """Dramatiq's Redis consumer with its idle sleep moved onto an event that any enqueue of its queue sets.
+
+    ``timeout`` (Dramatiq's worker timeout) is not its idle cap: that is the broker's ``idle_poll_ms``.
+    ``next_due_ms`` (set by ``ResilientConsumerThread``) gives the eta of the earliest delayed message the
+    consumer thread holds, so that the sleep ends when it comes due.
+    """
 
     def __init__(self, broker: WakingRedisBroker, queue_name: str, prefetch: int, timeout: int) -> None:
         # Dramatiq's own idle sleep is switched off (a zero cap backs off 0 ms); this class sleeps instead.
         super().__init__(broker, queue_name, prefetch, 0)  # type: ignore[no-untyped-call]
-        self.idle_timeout_ms = timeout
+        self.idle_timeout_ms = broker.idle_poll_ms
         self.idle_misses = 0
         self.wakeup = broker.wakeup_for(queue_name)
+        self.next_due_ms: Callable[[], int | None] = lambda: None
+        self.interrupted = False
+        broker.listen_for_wakeups()
+
+    def interrupt(self) -> None:
+        """End the idle sleep now and skip the next ones (the consumer thread is stopping)."""
+        self.interrupted = True
+        self.wakeup.set()
 
     def __next__(self) -> Any:
         # Cleared before the fetch: a message enqueued after this point either is fetched now or sets the
@@ -87,7 +208,16 @@ class _WakingConsumer(_RedisConsumer):
         if message is not None:
             self.idle_misses = 0
             return message
-        self.idle_misses, backoff_ms = compute_backoff(self.idle_misses, max_backoff=self.idle_timeout_ms)
+        if self.broker.wake_idle_consumers:
+            # Woken by every enqueue of the queue and every ack: no need to poll sooner than the fallback.
+            self.idle_misses, backoff_ms = self.idle_misses + 1, self.idle_timeout_ms
+        else:
+            self.idle_misses, backoff_ms = compute_backoff(self.idle_misses, max_backoff=self.idle_timeout_ms)
+        if self.interrupted:
+            return None  # set after the clear above would be lost otherwise: the thread is stopping, do not sleep
+        due = self.next_due_ms()
+        if due is not None:
+            backoff_ms = max(0, min(backoff_ms, due - current_millis()))
         self.wakeup.wait(backoff_ms / 1000)
         return None
 
@@ -95,14 +225,20 @@ class _WakingConsumer(_RedisConsumer):
     # treat as a lost connection (only redis.ConnectionError): report it as one, so that acks are retried
     # and the consumer reconnects, instead of "unhandled error" paths that leave messages unacked.
 
+    # An ack or nack frees a prefetch place: wake the consumer, which may have stopped fetching at its limit.
+
     def ack(self, message: Any) -> None:
         try:
             super().ack(message)  # type: ignore[no-untyped-call]
         except redis.TimeoutError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        finally:
+            self.wakeup.set()
 
     def nack(self, message: Any) -> None:
         try:
             super().nack(message)  # type: ignore[no-untyped-call]
         except redis.TimeoutError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
+        finally:
+            self.wakeup.set()

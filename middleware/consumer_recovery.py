@@ -48,6 +48,10 @@ class ResilientConsumerThread(ConsumerThread):
                     self.consumer = self.broker.consume(
                         queue_name=self.queue_name, prefetch=self.prefetch, timeout=self.worker_timeout
                     )
+                    if hasattr(self.consumer, "next_due_ms"):
+                        # A consumer that sleeps until woken (``WakingRedisBroker``) ends its sleep when the
+                        # earliest delayed message held here comes due.
+                        self.consumer.next_due_ms = self.next_due_ms
                 for message in self.consumer:
                     if message is not None:
                         self.handle_message(message)
@@ -70,6 +74,18 @@ class ResilientConsumerThread(ConsumerThread):
             if self.running:
                 time.sleep(CONSUMER_RESTART_DELAY_SECS)
         self.broker.emit_before("consumer_thread_shutdown", self)
+
+    def next_due_ms(self) -> int | None:
+        """The eta (epoch ms) of the earliest delayed message held, or None."""
+        with self.delay_queue.mutex:
+            return self.delay_queue.queue[0].priority if self.delay_queue.queue else None
+
+    def stop(self) -> None:
+        """Stop as Dramatiq does, and end an idle consumer's sleep so that it stops now."""
+        super().stop()
+        interrupt = getattr(self.consumer, "interrupt", None)
+        if interrupt is not None:
+            interrupt()
 
     def handle_delayed_messages(self) -> None:
         """Move every delayed message whose eta has passed to its queue; one that cannot be moved yet stays."""

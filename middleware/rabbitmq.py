@@ -7,6 +7,8 @@ from typing import Any
 
 import dramatiq
 
+from middleware.worker_tuning import ClosableWorkQueue, stop_worker_threads
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,4 +32,9 @@ class RabbitmqTuning(dramatiq.Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Set the prefetch before the worker starts its consumers."""
         worker.queue_prefetch = max(1, worker.worker_threads * self.prefetch_per_thread)
+        worker.work_queue = ClosableWorkQueue()
         logger.debug("RabbitMQ prefetch %d per queue", worker.queue_prefetch)
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Let idle worker threads stop at once (``worker_tuning.stop_worker_threads``)."""
+        stop_worker_threads(worker)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import queue
+import time
 from typing import Any
 
 import dramatiq
@@ -18,13 +20,13 @@ class WorkerTuning(dramatiq.Middleware):
 
     Dramatiq prefetches twice the thread count by default, which suits short tasks. LLM jobs run for
     minutes, so a message prefetched by a busy process waits there while another process idles.
-    An idle Redis consumer backs off up to its timeout (1 s by default) between polls; a message
-    handed a throttle slot by another process would wait that long, so idle polling is capped lower.
-    (A message enqueued by the same process wakes its consumer at once: see ``WakingRedisBroker``.)
+    The consumers of ``WakingRedisBroker`` sleep until an enqueue of their queue, by any process, wakes
+    them; ``poll_interval_ms`` caps that sleep (a fallback for a lost wake-up). With another broker it
+    is Dramatiq's worker timeout, which caps its consumers' idle backoff.
 
     Parameters:
       prefetch_per_thread: messages held per worker thread and queue (at least 1).
-      poll_interval_ms: the longest an idle consumer sleeps between polls, in milliseconds.
+      poll_interval_ms: the longest an idle consumer sleeps between fetches with no wake-up, in milliseconds.
     """
 
     def __init__(self, *, prefetch_per_thread: int = 1, poll_interval_ms: int = 100) -> None:
@@ -38,6 +40,65 @@ class WorkerTuning(dramatiq.Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: Any) -> None:
         """Set the prefetch and polling before the worker starts its consumers."""
         worker.queue_prefetch = max(1, worker.worker_threads * self.prefetch_per_thread)
-        worker.worker_timeout = self.poll_interval_ms
+        # Dramatiq's worker timeout (how often each idle worker thread wakes) is kept; only the consumers'
+        # idle sleep is set, and consumers that wake on a push need it only as a fallback.
+        if hasattr(broker, "idle_poll_ms"):
+            broker.idle_poll_ms = self.poll_interval_ms
+        else:
+            worker.worker_timeout = self.poll_interval_ms
         use_resilient_consumers(worker)
+        # Before Dramatiq starts its worker threads, which all share this queue.
+        worker.work_queue = ClosableWorkQueue()
         logger.debug("prefetch %d per queue, idle poll every %d ms", worker.queue_prefetch, self.poll_interval_ms)
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: Any) -> None:
+        """Let idle worker threads stop at once (``stop_worker_threads``)."""
+        stop_worker_threads(worker)
+
+
+def stop_worker_threads(worker: Any) -> None:
+    """Stop the worker threads as Dramatiq is about to, and end the idle ones' wait on the work queue now.
+
+    An idle Dramatiq worker thread checks whether it should stop once per worker timeout (1 s), so a
+    shutdown would wait that long for nothing. Busy threads finish their job first, as before. Called at
+    ``before_worker_shutdown``; the work queue must be a ``ClosableWorkQueue`` (set at worker boot).
+    """
+    for thread in worker.workers:
+        thread.stop()
+    work_queue = worker.work_queue
+    if isinstance(work_queue, ClosableWorkQueue):
+        work_queue.close()
+
+
+class ClosableWorkQueue(queue.PriorityQueue[Any]):
+    """Dramatiq's work queue (a ``PriorityQueue``) whose waiting ``get`` calls ``close`` ends at once.
+
+    A closed queue still hands out what it holds (Dramatiq's shutdown puts it back on the broker); once
+    it is empty, ``get`` raises ``queue.Empty`` without waiting.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def close(self) -> None:
+        """Wake every waiting ``get``: each returns an item, or raises ``Empty`` when none is left."""
+        with self.not_empty:
+            self.closed = True
+            self.not_empty.notify_all()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """``Queue.get``, except that a closed, empty queue raises ``Empty`` at once."""
+        with self.not_empty:
+            if block:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while not self._qsize() and not self.closed:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    self.not_empty.wait(remaining)
+            if not self._qsize():
+                raise queue.Empty
+            item = self._get()
+            self.not_full.notify()
+            return item

@@ -9,8 +9,9 @@ from typing import Any
 
 import dramatiq
 import pytest
+import redis
 
-from brokers.waking_redis import WakingRedisBroker
+from brokers.waking_redis import WakeListener, WakingRedisBroker
 from tests.conftest import TEST_REDIS_URL, unique
 from tests.harness import wait_until
 
@@ -65,6 +66,9 @@ def idle_consumer(broker: WakingRedisBroker, queue: str) -> Any:
     consumer: Any = broker.consume(queue, prefetch=4, timeout=MINUTE_MS)
     # as if it had found the queue empty many times: its next sleep is the full idle timeout
     consumer.idle_misses = 30
+    # (its subscription confirmed: that wakes every consumer once, which a test of one wake-up must not see)
+    assert broker._listener is not None
+    assert broker._listener.subscribed.wait(10)
     return consumer
 
 
@@ -101,3 +105,126 @@ def test_another_process_enqueue_is_still_found_by_polling(broker: WakingRedisBr
             assert consuming.received[0][1].message_id == sent.message_id
     finally:
         close(other)
+
+
+def test_an_enqueue_by_another_process_wakes_the_idle_consumer_at_once(broker: WakingRedisBroker) -> None:
+    queue = unique("wake")
+    other = WakingRedisBroker(url=TEST_REDIS_URL, middleware=[])
+    broker.idle_poll_ms = MINUTE_MS  # only a push can bring the message within the test's deadline
+    try:
+        with Consuming(idle_consumer(broker, queue)) as consuming:
+            # Given the consumer subscribed to wake-ups, found the queue empty and went to sleep for a minute
+            assert broker._listener is not None
+            wait_until(lambda: consuming.consumer.idle_misses > 30, what="the consumer's empty poll")
+            wait_until(
+                lambda: broker.client.pubsub_numsub(broker.wake_channel)[0][1] >= 1,
+                what="the wake-up subscription",
+            )
+            # When another broker (another process's) enqueues a message on the queue
+            sent = other.enqueue(dramatiq.Message(queue, "noop", (), {}, {}))
+            # Then the sleeping consumer fetches it long before its sleep would have ended
+            wait_until(lambda: consuming.received, timeout=10, what="the message to be fetched")
+            assert consuming.received[0][1].message_id == sent.message_id
+    finally:
+        close(other)
+
+
+def test_an_idle_consumer_sends_nothing_between_fallback_polls(broker: WakingRedisBroker) -> None:
+    queue = unique("wake")
+    broker.idle_poll_ms = MINUTE_MS
+    with Consuming(idle_consumer(broker, queue)) as consuming:
+        # Given the consumer found its queue empty once (each empty fetch counts one miss)
+        misses = wait_until(
+            lambda: consuming.consumer.idle_misses > 30 and consuming.consumer.idle_misses, what="a miss"
+        )
+        # When nothing is enqueued for a while (a wait on a condition that must stay false)
+        with pytest.raises(AssertionError):
+            wait_until(lambda: consuming.consumer.idle_misses > misses, timeout=1.0, what="another fetch")
+        # Then it did not fetch again: it sleeps until a wake-up or its fallback poll
+        assert consuming.consumer.idle_misses == misses
+        assert consuming.polls == 0
+
+
+def test_a_delayed_message_moves_to_its_queue_when_due_not_at_the_fallback_poll(broker: WakingRedisBroker) -> None:
+    from queue import PriorityQueue
+
+    from dramatiq.common import dq_name
+
+    from middleware.consumer_recovery import ResilientConsumerThread
+
+    queue = unique("wake")
+    broker.idle_poll_ms = MINUTE_MS  # the delay queue's consumer would otherwise sleep a minute between fetches
+    broker.declare_queue(queue)
+    thread = ResilientConsumerThread(
+        broker=broker, queue_name=dq_name(queue), prefetch=10, work_queue=PriorityQueue(), worker_timeout=1000
+    )
+    thread.start()
+    try:
+        # Given the delay queue's consumer holding nothing and asleep
+        wait_until(lambda: getattr(thread.consumer, "idle_misses", 0) >= 1, what="the consumer's empty poll")
+        # When a message is enqueued with a 300 ms delay
+        broker.enqueue(dramatiq.Message(queue, "noop", (), {}, {}), delay=300)
+        # Then it reaches its queue once due, long before the consumer's next fallback poll
+        wait_until(lambda: broker.client.llen(f"{broker.namespace}:{queue}") == 1, timeout=10, what="the due message")
+    finally:
+        thread.stop()
+        thread.join(timeout=5)
+        thread.close()
+
+
+def test_a_confirmed_subscription_wakes_every_consumer_once() -> None:
+    # A message enqueued by another process before this one's subscription is confirmed published its
+    # wake-up to nobody here; the confirmation stands for it.
+    woken: list[str | None] = []
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    listener = WakeListener(client, unique("wake-channel"), woken.append)
+    try:
+        # When the listener subscribes
+        listener.start()
+        # Then, once Redis confirms, every consumer of the process is woken (None: all queues)
+        wait_until(lambda: woken, what="the wake-up of the confirmed subscription")
+        assert woken == [None]
+        assert listener.subscribed.is_set()
+    finally:
+        listener.stop()
+        client.close()
+
+
+def test_wake_ups_are_published_per_redis_database() -> None:
+    # Pub/sub is shared by the databases of a server: another deployment's enqueues must not wake these consumers
+    brokers = [WakingRedisBroker(url=f"{TEST_REDIS_URL.rsplit('/', 1)[0]}/{db}", middleware=[]) for db in (4, 5)]
+    try:
+        assert brokers[0].wake_channel.endswith(":wake:4")
+        assert brokers[1].wake_channel.endswith(":wake:5")
+    finally:
+        for each in brokers:
+            close(each)
+
+
+def test_a_worker_whose_threads_and_consumers_sleep_long_stops_at_once(broker: WakingRedisBroker) -> None:
+    from middleware.worker_tuning import WorkerTuning
+
+    # Given a worker whose idle threads look at the work queue once a minute, and whose consumer sleeps a minute
+    broker.add_middleware(WorkerTuning(poll_interval_ms=MINUTE_MS))
+    queue = unique("stop")
+
+    @dramatiq.actor(broker=broker, queue_name=queue)
+    def noop() -> None:
+        pass
+
+    worker = dramatiq.Worker(broker, worker_threads=4, worker_timeout=MINUTE_MS)
+    worker.start()
+    stopping = threading.Thread(target=worker.stop, daemon=True)
+    try:
+        consumer = worker.consumers[queue].consumer
+        wait_until(lambda: getattr(worker.consumers[queue].consumer, "idle_misses", 0) >= 1, what="an idle consumer")
+        assert consumer is not None
+        # When it is stopped
+        stopping.start()
+        # Then it stops long before a minute: idle threads and the sleeping consumer are woken
+        stopping.join(timeout=20)
+        assert not stopping.is_alive()
+        assert not any(thread.is_alive() for thread in worker.workers)
+    finally:
+        if stopping.is_alive():
+            stopping.join(timeout=90)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -80,20 +79,12 @@ class AnthropicProvider:
         self._timeout = anthropic.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._default_max_tokens = default_max_tokens
         self._name = name
-        self._pools = LoopClients(self._new_client, lambda client: client.close()) if keep_alive else None
+        self._clients = LoopClients(self._new_client, lambda client: client.close(), keep_alive=keep_alive)
 
     def _new_client(self) -> anthropic.AsyncAnthropic:
         return anthropic.AsyncAnthropic(
             api_key=self._api_key, base_url=self._base_url, max_retries=0, timeout=self._timeout
         )
-
-    @contextlib.asynccontextmanager
-    async def _client(self) -> AsyncIterator[anthropic.AsyncAnthropic]:
-        if self._pools is not None:
-            yield self._pools.get()
-            return
-        async with self._new_client() as client:
-            yield client
 
     @property
     def name(self) -> str:
@@ -130,7 +121,7 @@ class AnthropicProvider:
         finished: Finished | None = None
         try:
             async with (
-                self._client() as client,
+                self._clients.lease() as client,
                 client.messages.stream(**self._params(request)) as stream,
             ):
                 async for event in stream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 import threading
@@ -135,12 +136,28 @@ class LoopClients(Generic[Client]):
 
     A client and its pooled connections belong to the loop that opened them, so the worker's one stream
     loop (``actors.stream_loop``) gets one client for all of its jobs. ``close_clients`` closes every
-    client of a loop before the loop ends.
+    client of a loop before the loop ends. With ``keep_alive`` off, ``lease`` builds a client for each
+    use and closes it after (a connection per job).
     """
 
-    def __init__(self, build: Callable[[], Client], close: Callable[[Client], Awaitable[None]]) -> None:
+    def __init__(
+        self, build: Callable[[], Client], close: Callable[[Client], Awaitable[None]], *, keep_alive: bool = True
+    ) -> None:
         self._build = build
         self._close = close
+        self._keep_alive = keep_alive
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[Client]:
+        """The client for one request: the running loop's pooled one, or with ``keep_alive`` off a fresh one."""
+        if self._keep_alive:
+            yield self.get()
+            return
+        client = self._build()
+        try:
+            yield client
+        finally:
+            await self._close(client)
 
     def get(self) -> Client:
         """The running loop's client."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import ssl
@@ -88,22 +87,12 @@ class OpenRouterProvider:
         self._timeout = httpx.Timeout(connect_timeout_s, read=read_timeout_s)
         self._name = name
         self._app_title = app_title
-        self._pools: LoopClients[httpx.AsyncClient] | None = (
-            LoopClients(self._new_client, lambda client: client.aclose()) if keep_alive else None
-        )
+        self._clients = LoopClients(self._new_client, lambda client: client.aclose(), keep_alive=keep_alive)
 
     def _new_client(self) -> httpx.AsyncClient:
         # No cap on connections: the worker's thread count already bounds how many streams run at once.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS)
         return httpx.AsyncClient(timeout=self._timeout, verify=self._ssl_context, follow_redirects=False, limits=limits)
-
-    @contextlib.asynccontextmanager
-    async def _client(self) -> AsyncIterator[httpx.AsyncClient]:
-        if self._pools is not None:
-            yield self._pools.get()
-            return
-        async with self._new_client() as client:
-            yield client
 
     @property
     def name(self) -> str:
@@ -130,7 +119,7 @@ class OpenRouterProvider:
         """Yield text deltas, then one ``Finished``; map every failure onto ``ProviderError``."""
         try:
             async with (
-                self._client() as client,
+                self._clients.lease() as client,
                 client.stream(
                     "POST", f"{self._base_url}/chat/completions", json=self._body(request), headers=self._headers()
                 ) as response,

@@ -105,12 +105,15 @@ class JobRunner:
         live_text: LiveText | None = None,
         lanes: LaneGate | None = None,
         stream_loop: StreamLoop | None = None,
+        progress_store: JobStore | None = None,
     ) -> None:
         self.store = store
         self.stream_loop = stream_loop or StreamLoop()
         """The process's one event loop: every attempt's stream runs on it."""
-        self.progress = ProgressWriter(store, interval_s=progress_interval_s)
-        """Writes every running attempt's text and heartbeat, all together, once per ``progress_interval_s``."""
+        self.progress = ProgressWriter(progress_store or store, interval_s=progress_interval_s)
+        """Writes every running attempt's text and heartbeat, all together, once per ``progress_interval_s``;
+        on ``progress_store`` when given (a connection of its own, so that it never waits behind the claims
+        and outcomes of hundreds of threads for one of the pool's connections)."""
         self.observer: JobObserver = observer or NullObserver()
         self.live_text = live_text or LiveText()
         self.lanes = lanes

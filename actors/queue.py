@@ -159,6 +159,9 @@ class JobQueue:
         if services is None:
             return
         services.store.engine.dispose()
+        progress_engine = services.runner.progress.store.engine
+        if progress_engine is not services.store.engine:
+            progress_engine.dispose()
         if services.cancel_signals is not None:
             services.cancel_signals.close()
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from actors.queue import JobQueue
 from repositories.store import HEARTBEAT_BATCH, Heartbeat, JobKind, JobStore
+from settings import Settings
 from tests.conftest import unique
 
 pytestmark = pytest.mark.integration
@@ -45,3 +47,27 @@ def test_a_lease_taken_over_by_another_owner_is_lost_to_the_old_one(store: JobSt
     # Then only the stale owner lost, and the row holds the real owner's text
     assert lost == {"someone-else"}
     assert store.get(job_id).content == "fresh"  # type: ignore[union-attr]
+
+
+def test_progress_is_written_while_every_connection_of_the_store_pool_is_taken(postgres_database: str) -> None:
+    # Given a worker's runtime on PostgreSQL, one running job, and every connection of the store's pool taken
+    # (what 1,000 threads claiming jobs at once do), with a short wait for a pooled connection
+    settings = Settings(database_url=postgres_database, database_connect_timeout_s=0.5, cancel_signals=False)
+    queue = JobQueue(settings)
+    try:
+        store, progress = queue.store, queue.runner.progress
+        ((job_id, owner),) = _claimed(store, 1)
+        running = progress.track(job_id, owner)
+        running.append("streamed so far")
+        pool = store.engine.pool
+        held = [store.engine.connect() for _ in range(pool.size() + pool._max_overflow)]  # type: ignore[attr-defined]
+        try:
+            # When the progress writer writes its interval
+            progress.write([running])
+        finally:
+            for connection in held:
+                connection.close()
+        # Then the text is in the row: the writer did not wait for the pool the threads hold
+        assert store.get(job_id).content == "streamed so far"  # type: ignore[union-attr]
+    finally:
+        queue.close()

@@ -228,3 +228,27 @@ def test_a_worker_whose_threads_and_consumers_sleep_long_stops_at_once(broker: W
     finally:
         if stopping.is_alive():
             stopping.join(timeout=90)
+
+
+def test_an_idle_consumers_fallback_fetch_moves_a_dead_workers_messages_back() -> None:
+    # Given a worker that fetched a message and died without acking it (its broker heartbeat goes stale in 1 s)
+    queue = unique("dead")
+    dead = WakingRedisBroker(url=TEST_REDIS_URL, middleware=[], heartbeat_timeout=1_000)
+    dead.declare_queue(queue)
+    sent = dead.enqueue(dramatiq.Message(queue, "noop", (), {}, {}))
+    dead_consumer: Any = dead.consume(queue, prefetch=1, timeout=MINUTE_MS)
+    fetched = wait_until(lambda: next(dead_consumer), timeout=10, what="the dead worker's fetch")
+    assert fetched.message_id == sent.message_id
+    close(dead)
+    # And a live worker whose broker never takes Dramatiq's chance of maintenance, with a 200 ms fallback poll
+    live = WakingRedisBroker(url=TEST_REDIS_URL, middleware=[], heartbeat_timeout=1_000, maintenance_chance=0)
+    live.idle_poll_ms = 200
+    try:
+        live.declare_queue(queue)
+        with Consuming(live.consume(queue, prefetch=4, timeout=MINUTE_MS)) as consuming:
+            # When its idle consumer sleeps undisturbed past the dead worker's heartbeat timeout
+            # Then a fallback fetch moves the dead worker's message back, and the live worker gets it
+            wait_until(lambda: consuming.received, timeout=10, what="the dead worker's message to come back")
+            assert consuming.received[0][1].message_id == sent.message_id
+    finally:
+        close(live)

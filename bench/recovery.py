@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in results.items():
         shown = ", ".join(f"{v:.1f}" if v is not None else f"> {args.baseline_cap_s:.0f}" for v in values)
         finished = [v for v in values if v is not None]
-        median = f"{statistics.median(finished):.1f}" if len(finished) == len(values) else "n/a"
+        median = f"{statistics.median(finished):.1f}" if finished and len(finished) == len(values) else "n/a"
         print(f"| {name} | {shown} | {median} |")
     return 0
 

@@ -53,3 +53,24 @@ def ensure_postgres(host: str = "127.0.0.1", port: int = 5432) -> None:
         check=True,
     )
     wait_for_port(host, port)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def ensure_chromium() -> str:
+    """Debian's Chromium for the browser tests (never a downloaded build), installed with apt when missing.
+
+    ``.ci/run`` installs it too; this lets ``make test`` pass on a fresh machine that has apt but no browser.
+    """
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    if shutil.which("apt-get") is None:
+        raise RuntimeError(f"{CHROMIUM} is missing and apt-get is not available to install Debian's chromium")
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
+    install = ["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"]
+    subprocess.run(install, check=True, env=env, stdout=subprocess.DEVNULL)
+    if not Path(CHROMIUM).exists():
+        raise RuntimeError(f"apt-get installed chromium, but {CHROMIUM} is still missing")
+    return CHROMIUM

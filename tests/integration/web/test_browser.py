@@ -11,11 +11,11 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tests.conftest import unique
 from tests.integration.conftest import Stack
 from tests.loopback.openrouter import Reply
+from tests.services import ensure_chromium
 from tests.web.support import WebServer
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -39,7 +39,7 @@ COUNT_UPDATES = """
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=ensure_chromium(), args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 

@@ -213,40 +213,31 @@ class RedisLiveText(LiveText):
                             batches[job_id] = self._take(pending)
                 self._write_many(batches, ttl_s=self.active_ttl_s)
 
-    def _write_many(self, batches: dict[str, list[LiveEntry]], *, ttl_s: int) -> None:
-        """XADD the entries of many jobs in one pipeline (one round trip) and refresh their expiry; never raises."""
+    def _write_many(self, batches: dict[str, list[LiveEntry]], *, ttl_s: int, fresh: bool = False) -> None:
+        """XADD the entries of many jobs in one pipeline (one round trip) and refresh their expiry; never raises.
+
+        With ``fresh``, each job's stream is deleted first, in the same transaction as its new entries.
+        """
         batches = {job_id: entries for job_id, entries in batches.items() if entries}
         if not batches or time.monotonic() < self._down_until:
             return
         try:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = self.client.pipeline(transaction=fresh)
             for job_id, entries in batches.items():
                 key = stream_key(job_id)
+                if fresh:
+                    pipe.delete(key)
                 for entry in entries:
                     pipe.xadd(key, entry.fields(), maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
                 pipe.expire(key, ttl_s)
             pipe.execute()
         except redis.RedisError as exc:
             self._down_until = time.monotonic() + self.retry_after_s
-            logger.warning("live text not written (Redis: %s); readers fall back to the job store", type(exc).__name__)
+            extra = {"job_id": next(iter(batches))} if len(batches) == 1 else {}
+            logger.warning(
+                "live text not written (Redis: %s); readers fall back to the job store", type(exc).__name__, extra=extra
+            )
 
     def _write(self, job_id: str, entries: list[LiveEntry], *, ttl_s: int, fresh: bool = False) -> None:
-        """XADD the entries (after deleting the stream when ``fresh``) and set its expiry; never raises."""
-        if not entries or time.monotonic() < self._down_until:
-            return
-        key = stream_key(job_id)
-        try:
-            pipe = self.client.pipeline(transaction=True)
-            if fresh:
-                pipe.delete(key)
-            for entry in entries:
-                pipe.xadd(key, entry.fields(), maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
-            pipe.expire(key, ttl_s)
-            pipe.execute()
-        except redis.RedisError as exc:
-            self._down_until = time.monotonic() + self.retry_after_s
-            logger.warning(
-                "live text not written (Redis: %s); readers fall back to the job store",
-                type(exc).__name__,
-                extra={"job_id": job_id},
-            )
+        """The entries of one job (after deleting its stream when ``fresh``); never raises."""
+        self._write_many({job_id: entries}, ttl_s=ttl_s, fresh=fresh)

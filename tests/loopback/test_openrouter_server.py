@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -218,20 +219,27 @@ def test_a_stalled_stream_records_the_client_close_promptly(server: OpenRouterSe
 
 
 def test_sixty_four_streams_are_served_concurrently(server: OpenRouterServer, client: httpx.Client) -> None:
-    # Given every reply holds its stream open for a while before the first chunk
-    server.default = Reply.ok("x", first_chunk_delay_s=0.5)
+    # Given every reply holds its stream open (no chunk) until its client closes it
+    server.default = Reply.ok("x", first_chunk_delay_s=60)
+    streams = 64
+    all_open = threading.Barrier(streams, timeout=8)
 
-    # When 64 clients stream at the same time
-    with ThreadPoolExecutor(max_workers=64) as pool:
-        texts = list(pool.map(lambda i: streamed_text(client, server, chat_body(f"n={i}")), range(64)))
+    def open_and_hold(index: int) -> int:
+        with client.stream("POST", f"{server.base_url}/chat/completions", json=chat_body(f"n={index}")) as response:
+            # The status line arrived: the server is serving this stream. Hold it until every client has one.
+            all_open.wait()
+            return response.status_code
 
-    # Then all succeed, and all 64 connections were open at once
-    assert texts == ["x"] * 64
-    records = server.requests
-    assert len(records) == 64
-    closed = [r.closed_at for r in records if r.closed_at is not None]
-    assert len(closed) == 64
-    assert max(r.received_at for r in records) < min(closed)
+    # When 64 clients open a stream each and wait for one another before closing theirs
+    with ThreadPoolExecutor(max_workers=streams) as pool:
+        statuses = list(pool.map(open_and_hold, range(streams)))
+
+    # Then all 64 streams were being served at once (a server serving fewer at a time would leave the barrier
+    # waiting, and it would break), and each was closed by its client, not by the server
+    assert statuses == [200] * streams
+    records = [server.wait_for_close(index, timeout=5) for index in range(streams)]
+    assert all(record.closed_by_client for record in records)
+    assert all(record.chunks_sent == 0 for record in records)
 
 
 @pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions", "/api/v1/chat/completions"])

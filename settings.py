@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     """Wall-clock limit of one preview attempt, in seconds."""
     provider_read_timeout_s: PositiveInt = 120
     """Longest silence tolerated on a provider stream before the attempt counts as timed out, in seconds."""
+    claude_cli_max_retries: Annotated[int, Field(ge=0, le=10)] = 0
+    """Retries the Claude Code CLI makes by itself inside one ``claude-agent-sdk`` attempt (connection errors, 429,
+    5xx); 0 leaves every retry to the queue's policy. ``make run`` sets 2 against its local model server."""
     progress_interval_ms: Annotated[int, Field(ge=50, le=1000)] = 500
     """How often the partial text and the job heartbeat are written while streaming, in milliseconds."""
     job_lease_s: Annotated[int, Field(ge=5)] = 15

@@ -187,6 +187,7 @@ def build_provider(settings: Settings) -> ChatProvider:
         api_key=_anthropic_key(settings),
         base_url=settings.anthropic_base_url,
         wall_clock_limit_s=settings.generate_timeout_s,
+        cli_max_retries=settings.claude_cli_max_retries,
     )
 
 

@@ -135,9 +135,10 @@ class _Turn:
 class ClaudeAgentProvider:
     """Runs each completion as one single-turn Claude Code CLI session (no tools, no settings, no session file).
 
-    The CLI runs in a fresh temporary HOME and CLAUDE_CONFIG_DIR that are removed afterwards, with its own
-    retries and its non-streaming fallback switched off. Sampling options (temperature, top_p, stop, penalties)
-    are dropped: the CLI has no such settings; ``max_tokens`` becomes ``CLAUDE_CODE_MAX_OUTPUT_TOKENS``.
+    The CLI runs in a fresh temporary HOME and CLAUDE_CONFIG_DIR that are removed afterwards, with its
+    non-streaming fallback switched off, and its own retries too unless ``cli_max_retries`` allows some.
+    Sampling options (temperature, top_p, stop, penalties) are dropped: the CLI has no such settings;
+    ``max_tokens`` becomes ``CLAUDE_CODE_MAX_OUTPUT_TOKENS``.
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class ClaudeAgentProvider:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         cli_path: str | None = None,
         name: str = "claude-agent-sdk",
+        cli_max_retries: int = 0,
     ) -> None:
         """Keep the settings; ``base_url`` None keeps the CLI's default endpoint, ``cli_path`` None the bundled CLI."""
         self._api_key = api_key
@@ -160,6 +162,7 @@ class ClaudeAgentProvider:
         self._default_max_tokens = default_max_tokens
         self._cli_path = cli_path
         self._name = name
+        self._cli_max_retries = cli_max_retries
 
     @property
     def name(self) -> str:
@@ -173,7 +176,7 @@ class ClaudeAgentProvider:
             "HOME": str(workdir),
             "CLAUDE_CONFIG_DIR": str(workdir / ".claude"),
             "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
-            "CLAUDE_CODE_MAX_RETRIES": "0",
+            "CLAUDE_CODE_MAX_RETRIES": str(self._cli_max_retries),
             "CLAUDE_CODE_DISABLE_NONSTREAMING_FALLBACK": "1",
             "CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(request.max_tokens or self._default_max_tokens),
         }

@@ -220,6 +220,11 @@ def local_model_env(settings: Settings, base_url: str) -> dict[str, str]:
         env |= {"OPENROUTER_BASE_URL": f"{base_url}/v1", "OPENROUTER_API_KEY": LOCAL_API_KEY}
     else:
         env |= {"ANTHROPIC_BASE_URL": base_url, "ANTHROPIC_API_KEY": LOCAL_API_KEY}
+    if settings.llm_provider is ProviderName.CLAUDE_AGENT_SDK:
+        # llama.cpp's server closes its connection after each streamed answer while announcing keep-alive; the CLI
+        # makes several requests per run and, on a loaded machine, sends the next one on that connection before
+        # the close reaches it (ECONNRESET). Its own retry takes a fresh connection within the same attempt.
+        env["CLAUDE_CLI_MAX_RETRIES"] = "2"
     return env
 
 

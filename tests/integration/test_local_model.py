@@ -122,9 +122,11 @@ def test_the_anthropic_providers_complete_a_generation_on_the_real_local_model_w
     # Then the real model answered through the Anthropic Messages endpoint, with its token usage
     assert job.status is JobStatus.COMPLETED, job.error
     assert job.content
-    # At most one retry: llama.cpp's server now and then resets a kept-alive connection the Claude Code CLI
-    # reuses (ECONNRESET), which the queue retries as the transient failure it is.
-    assert job.attempts <= 2
+    # At most one retry, for a transient failure the queue retried. (llama.cpp's server closes its connection after
+    # each streamed answer while announcing keep-alive; the Claude Code CLI's next request on it could be reset,
+    # which `make run` leaves to the CLI's own retries: ``local_model_env``.)
+    failed_attempts = [line for line in worker.log().splitlines() if "failed:" in line]
+    assert job.attempts <= 2, failed_attempts
     assert job.response is not None
     assert job.response["provider"] == str(provider)
     usage = job.response["usage"]

@@ -63,6 +63,10 @@ class StatementDeadline:
         self._armed: dict[int, _Armed] = {}
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
+        self._watcher_asleep = False
+        """The watchdog waits with no deadline (nothing was armed for a while): an arming must wake it."""
+        self._armings = 0
+        """Calls guarded so far: the watchdog sleeps for good only after a check saw none armed since the last."""
 
     def install(self, engine: Engine) -> None:
         """Guard the engine's dialect calls that wait on the server (this engine's dialect instance only)."""
@@ -99,7 +103,10 @@ class StatementDeadline:
                 self._thread = threading.Thread(target=self._watch, name="sql-deadline", daemon=True)
                 self._thread.start()
             self._armed[armed.key] = armed
-            if len(self._armed) == 1:
+            self._armings += 1
+            if self._watcher_asleep:
+                # Otherwise the watchdog wakes within ``timeout_s`` anyway, before this call's deadline.
+                self._watcher_asleep = False
                 self._cond.notify()
         try:
             yield
@@ -113,11 +120,25 @@ class StatementDeadline:
                 self._armed.pop(armed.key, None)
 
     def _watch(self) -> None:
+        """Shut down the connections of expired calls.
+
+        Calls come and go thousands of times a second on a busy worker; waking this thread for each would
+        cost more than the calls. It wakes at the earliest deadline, or ``timeout_s`` after the last check
+        when nothing is armed (a call armed meanwhile expires no earlier), and only after such a check
+        found nothing armed since the one before does it sleep until ``guard`` wakes it.
+        """
+        checked = -1
         with self._cond:
             while True:
                 if not self._armed:
-                    self._cond.wait()
+                    if self._armings == checked:
+                        self._watcher_asleep = True
+                        while self._watcher_asleep:
+                            self._cond.wait()
+                    checked = self._armings
+                    self._cond.wait(self.timeout_s)
                     continue
+                checked = self._armings
                 now = time.monotonic()
                 for armed in [a for a in self._armed.values() if a.deadline <= now]:
                     del self._armed[armed.key]

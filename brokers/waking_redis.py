@@ -99,16 +99,56 @@ class WakingRedisBroker(ParkAtSend, RedisBroker):
                 self._listener.start()
 
     def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
-        """Enqueue as Dramatiq does, then wake the consumers of the queue: this process's, and by a push, all."""
+        """Enqueue as Dramatiq does (``do_enqueue`` also pushes the wake-up), then wake this process's consumer."""
         enqueued: dramatiq.Message[Any] = super().enqueue(message, delay=delay)
         if self.wake_idle_consumers:
             self.wake(enqueued.queue_name)
-            try:
-                self.client.publish(self.wake_channel, enqueued.queue_name)
-            except redis.RedisError as exc:
-                # The message is enqueued; consumers elsewhere find it at their next fallback poll.
-                logger.debug("could not publish the wake-up of %s (%s)", enqueued.queue_name, type(exc).__name__)
         return enqueued
+
+    def do_enqueue(self, queue_name: str, redis_message_id: str, data: bytes) -> None:
+        """Dramatiq's enqueue script and the wake-up ``PUBLISH`` of ``queue_name`` in one round trip.
+
+        ``RedisBroker.enqueue`` calls ``do_enqueue``, which Dramatiq resolves to its dispatch script; defined
+        here, it runs that same script (same arguments as ``RedisBroker._dispatch``) in a pipeline with the
+        wake-up. A script not loaded in Redis yet (a fresh or restarted server) is run the way Dramatiq runs it.
+        """
+        if not self.wake_idle_consumers:
+            self._dispatch("enqueue")(queue_name, redis_message_id, data)  # type: ignore[no-untyped-call]
+            return
+        script = self.scripts["dispatch"]
+        args = self._dispatch_args("enqueue", queue_name, redis_message_id, data)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.evalsha(script.sha, 1, self.namespace, *args)
+        pipe.publish(self.wake_channel, queue_name)
+        enqueued, published = pipe.execute(raise_on_error=False)
+        if isinstance(enqueued, redis.exceptions.NoScriptError):
+            script(keys=[self.namespace], args=args)
+            published = self._publish_wakeup(queue_name)
+        elif isinstance(enqueued, Exception):
+            raise enqueued
+        if isinstance(published, Exception):
+            # The message is enqueued; consumers elsewhere find it at their next fallback poll.
+            logger.debug("could not publish the wake-up of %s (%s)", queue_name, type(published).__name__)
+
+    def _dispatch_args(self, command: str, queue_name: str, *args: Any) -> list[Any]:
+        """The arguments of Dramatiq's dispatch script for ``command``, as ``RedisBroker._dispatch`` builds them."""
+        return [
+            command,
+            current_millis(),
+            queue_name,
+            self.broker_id,
+            self.heartbeat_timeout,
+            self.dead_message_ttl,
+            self._should_do_maintenance(command),
+            self._max_unpack_size(),  # type: ignore[no-untyped-call]
+            *args,
+        ]
+
+    def _publish_wakeup(self, queue_name: str) -> object:
+        try:
+            return self.client.publish(self.wake_channel, queue_name)
+        except redis.RedisError as exc:
+            return exc
 
     def close(self) -> None:
         """Stop the wake-up subscription, then close as Dramatiq does."""

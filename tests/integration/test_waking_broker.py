@@ -13,6 +13,7 @@ import redis
 
 from brokers.waking_redis import WakeListener, WakingRedisBroker
 from tests.conftest import TEST_REDIS_URL, unique
+from tests.faults.own_redis import OwnRedis
 from tests.harness import wait_until
 
 #: A consumer this idle sleeps up to a minute between polls: only a wake-up brings a message sooner.
@@ -252,3 +253,27 @@ def test_an_idle_consumers_fallback_fetch_moves_a_dead_workers_messages_back() -
             assert consuming.received[0][1].message_id == sent.message_id
     finally:
         close(live)
+
+
+def test_an_enqueue_after_redis_lost_its_scripts_still_enqueues_and_wakes_the_consumer() -> None:
+    # Given a broker on a Redis of the test's own, whose scripts were flushed since the broker last used them
+    with OwnRedis() as server:
+        broker = WakingRedisBroker(url=server.url, middleware=[])
+        other = WakingRedisBroker(url=server.url, middleware=[])
+        try:
+            queue = unique("noscript")
+            broker.idle_poll_ms = MINUTE_MS
+            other.enqueue(dramatiq.Message(queue, "noop", (), {}, {}))  # the enqueue script is loaded now
+            assert other.client.script_flush()
+            with Consuming(idle_consumer(broker, queue)) as consuming:
+                wait_until(lambda: len(consuming.received) == 1, timeout=10, what="the first message")
+                # (an empty fetch after it: the consumer now sleeps up to a minute)
+                wait_until(lambda: consuming.consumer.idle_misses >= 1, what="the consumer's empty poll")
+                # When another process enqueues (its pipelined script call finds no script in Redis)
+                sent = other.enqueue(dramatiq.Message(queue, "noop", (), {}, {}))
+                # Then the message is enqueued anyway, and the sleeping consumer is woken for it
+                wait_until(lambda: len(consuming.received) == 2, timeout=10, what="the second message")
+                assert consuming.received[1][1].message_id == sent.message_id
+        finally:
+            close(other)
+            close(broker)

@@ -275,31 +275,40 @@ class JobQueue:
     def _submit(
         self, job_id: str, user_id: str, kind: JobKind, request: dict[str, Any], payload: dict[str, Any]
     ) -> None:
-        """Write the pending row, then send the message; a row whose message never left is sent again."""
+        """Write the pending row and send its message: the row commits only once the broker has the message.
+
+        One transaction around the send: the insert, the send, the commit. A send that fails rolls the row
+        back (nothing written, nothing queued); a process that dies before the commit leaves at most a message
+        without a row, which the worker creates from the message as it does for ``actor.send()``. A worker
+        fetching the message before the commit waits for the row (PostgreSQL's unique index, SQLite's write
+        lock). Should the commit itself fail after the send, ``StoreUnavailable`` is raised although the job
+        will run: enqueueing again with the same ``job_id`` is then one job still.
+        """
+        message = self.broker.get_actor(tasks.JOB_ACTOR_NAMES[kind]).message(**payload)
         with _store_errors():
             store = self.store  # built on first use: a store down then is unavailable like any other time
-            created = store.create(job_id=job_id, user_id=user_id, kind=kind, request=request)
-            existing = None if created else store.get(job_id)
-        if not created:
-            if existing is not None and existing.user_id != user_id:
-                # The same answer as a duplicate of one's own job: nothing tells that this id is someone else's.
-                logger.warning("enqueue ignored: job_id belongs to another user", extra={"job_id": job_id})
-                return
-            if existing is not None and existing.kind is not kind:
-                raise ValueError(f"job_id: {job_id!r} is already used by another job")
-            if existing is None or existing.status is not JobStatus.PENDING or existing.enqueued_at is not None:
-                logger.info("duplicate enqueue ignored", extra={"job_id": job_id, "user_id": user_id})
-                return
-            logger.info("re-sending a job whose message was never confirmed", extra={"job_id": job_id})
-        try:
-            self._send(self.broker.get_actor(tasks.JOB_ACTOR_NAMES[kind]).message(**payload))
-        except Exception:
-            with _store_errors():
-                store.delete_unsent(job_id)
-            raise
+            with store.creating(job_id=job_id, user_id=user_id, kind=kind, request=request) as created:
+                if created:
+                    self._send(message)
+        if created:
+            logger.info("job enqueued", extra={"job_id": job_id, "user_id": user_id, "kind": str(kind)})
+            return
+        with _store_errors():
+            existing = store.get(job_id)
+        if existing is not None and existing.user_id != user_id:
+            # The same answer as a duplicate of one's own job: nothing tells that this id is someone else's.
+            logger.warning("enqueue ignored: job_id belongs to another user", extra={"job_id": job_id})
+            return
+        if existing is not None and existing.kind is not kind:
+            raise ValueError(f"job_id: {job_id!r} is already used by another job")
+        if existing is None or existing.status is not JobStatus.PENDING or existing.enqueued_at is not None:
+            logger.info("duplicate enqueue ignored", extra={"job_id": job_id, "user_id": user_id})
+            return
+        # A row written before enqueues were one transaction, whose sender died before sending its message.
+        logger.info("re-sending a job whose message was never confirmed", extra={"job_id": job_id})
+        self._send(message)
         with _store_errors():
             store.mark_enqueued(job_id)
-        logger.info("job enqueued", extra={"job_id": job_id, "user_id": user_id, "kind": str(kind)})
 
     def _send(self, message: dramatiq.Message[Any], delay_ms: int = 0) -> None:
         """Enqueue ``message`` (after ``delay_ms``); the broker parks an undelayed one behind its user's line

@@ -539,17 +539,6 @@ class JobStore:
         with self.engine.connect() as connection:
             return [Job.from_row(row) for row in connection.execute(query).all()]
 
-    def delete_unsent(self, job_id: str) -> None:
-        """Remove a pending job whose message never reached the broker, so the same id can be sent again."""
-        with self.engine.begin() as connection:
-            connection.execute(
-                delete(JobRow).where(
-                    JobRow.job_id == job_id,
-                    JobRow.status == JobStatus.PENDING,
-                    JobRow.enqueued_at.is_(None),
-                )
-            )
-
     # -- reads ----------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:

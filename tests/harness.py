@@ -98,15 +98,18 @@ class WorkerProcess:
             start_new_session=True,
         )
         log.close()
-        wait_until(
-            lambda: self._ready_count() >= self.processes or self.process is None or self.process.poll() is not None,
-            timeout=timeout,
-            interval=0.1,
-            what="the worker to be ready",
-        )
+        try:
+            wait_until(self._ready_or_exited, timeout=timeout, interval=0.1, what="the worker to be ready")
+        except AssertionError:
+            # Never leave a worker that did not become ready running: it would consume later tests' messages.
+            self.kill()
+            raise
         if self.process.poll() is not None:
             raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
         return self
+
+    def _ready_or_exited(self) -> bool:
+        return self._ready_count() >= self.processes or self.process is None or self.process.poll() is not None
 
     def _ready_count(self) -> int:
         return self.log_path.read_bytes()[self._log_offset :].count(READY_LINE.encode())

@@ -29,9 +29,7 @@ def _params() -> dict[str, Any]:
     return {"model": "test/model", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def test_the_row_is_seen_only_once_its_message_is_in_the_broker(
-    api: JobQueue, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_the_row_is_seen_only_once_its_message_is_in_the_broker(api: JobQueue, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a broker send that looks at the store, from another connection, while it sends
     job_id = unique("atomic")
     seen_while_sending: list[Job | None] = []

@@ -92,7 +92,11 @@ def build_broker(
         retry_policy.retries_middleware(),
         CurrentMessage(),
         WorkerTuning(prefetch_per_thread=1, poll_interval_ms=settings.worker_poll_interval_ms),
-        LogFormat(log_format=settings.log_format),
+        # LOG_LEVEL when set; unset, Dramatiq's CLI level (INFO, or DEBUG with -v) stays.
+        LogFormat(
+            log_format=settings.log_format,
+            log_level=settings.log_level if "log_level" in settings.model_fields_set else None,
+        ),
         ConfigurationCheck(check=settings.require_provider_key),
         GracefulShutdown(
             grace_ms=settings.shutdown_grace_s * 1000,

@@ -14,6 +14,11 @@ CONTEXT_FIELDS = ("job_id", "user_id", "kind", "provider", "attempt", "status", 
 
 TEXT_FORMAT = "%(asctime)s [%(process)d] [%(threadName)s] [%(name)s] [%(levelname)s] %(message)s"
 
+#: The loggers of this service's own packages, which ``LOG_LEVEL`` sets in a worker.
+SERVICE_LOGGERS = ("actors", "admission", "brokers", "middleware", "repositories")
+#: Libraries whose per-request INFO lines repeat what the service's own lines say: kept to warnings.
+QUIET_LOGGERS = ("httpx", "httpcore")
+
 
 class ContextFormatter(logging.Formatter):
     """Text lines with ``key=value`` for the context fields a record carries."""
@@ -57,22 +62,35 @@ def formatter_for(log_format: str) -> logging.Formatter:
 
 
 class LogFormat(dramatiq.Middleware):
-    """Put ``formatter_for(log_format)`` on the root handlers of every worker process when it boots.
+    """Put ``formatter_for(log_format)`` on the root handlers of every worker process when it boots, and set the
+    level of the service's own loggers to ``log_level`` when one is given.
 
     Dramatiq configures logging in its CLI before it imports the actors, so the format is applied at
     ``after_process_boot`` rather than at import time (web code importing ``actors`` keeps its own).
+    Dramatiq's own lines (boot, ready, shutdown) keep the CLI's level (INFO, or DEBUG with ``-v``), so that
+    a supervisor still sees the worker become ready; httpx's line per provider request is left out.
 
     Parameters:
       log_format: ``text`` (Dramatiq's line plus the ids) or ``json`` (one object per line).
+      log_level: a level name (``WARNING``...) for the service's loggers; None leaves them at the CLI's level.
     """
 
-    def __init__(self, *, log_format: str = "text") -> None:
+    def __init__(self, *, log_format: str = "text", log_level: str | None = None) -> None:
         if log_format not in ("text", "json"):
             raise ValueError("log_format must be 'text' or 'json'")
+        if log_level is not None and not isinstance(logging.getLevelName(log_level.upper()), int):
+            raise ValueError(f"log_level must be a level name such as INFO or WARNING, not {log_level!r}")
         self.log_format = log_format
+        self.log_level = log_level.upper() if log_level is not None else None
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        """Swap the formatters of the root logger's handlers."""
+        """Swap the formatters of the root logger's handlers, and set its level."""
+        if self.log_level is not None:
+            # On the loggers, not their handlers: a record below the level is then never even built.
+            for name in SERVICE_LOGGERS:
+                logging.getLogger(name).setLevel(self.log_level)
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         formatter = formatter_for(self.log_format)
         for handler in logging.getLogger().handlers:
             handler.setFormatter(formatter)

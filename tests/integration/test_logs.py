@@ -43,3 +43,21 @@ def test_text_logs_show_the_ids_after_the_message(stack: Stack) -> None:
     stack.wait_for_status(enqueue_generation(user_id="u8", params=params(key), job_id=key))
     lines = [line for line in stack.worker.log().splitlines() if f"job_id={key}" in line]
     assert any("attempt finished" in line and "user_id=u8" in line and "kind=generate" in line for line in lines)
+
+
+def test_log_level_warning_keeps_the_workers_info_lines_out(stack: Stack) -> None:
+    # Given a worker started with LOG_LEVEL=WARNING
+    with stack.other_workers(1, "quiet-logs", LOG_LEVEL="WARNING") as (worker,):
+        key = unique("job")
+        stack.server.script_for(key, Reply.error(503), Reply.ok("fine"))
+        # When a job fails once and then completes
+        job = stack.wait_for_status(enqueue_generation(user_id="u9", params=params(key), job_id=key))
+        assert job.status is JobStatus.COMPLETED
+        # Then the retry's warning is logged, and none of the job's INFO lines
+        log = wait_until(
+            lambda: worker.log() if f"job_id={key}" in worker.log() else None, timeout=10, what="the retry warning"
+        )
+    lines = [line for line in log.splitlines() if f"job_id={key}" in line]
+    assert any("[WARNING]" in line and "retrying" in line for line in lines)
+    assert not any("[INFO]" in line for line in lines)
+    assert "attempt finished" not in log

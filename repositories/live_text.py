@@ -88,25 +88,36 @@ class LiveText:
         """The job's stored status changed outside an attempt (a cancel): its readers should re-read the store."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
+    """One attempt's stream as the writer thread still owes it to Redis."""
+
+    job_id: str
     attempt: int
     offset: int = 0
     """Characters of this attempt already handed to Redis (or dropped)."""
     pieces: list[str] = field(default_factory=list)
-    due: float = 0.0
+    fresh: bool = True
+    """Its ``reset`` is not written yet: the writer deletes the job's stream first, then writes it."""
+    ended: bool = False
+    """The attempt is over: the writer writes what is left, then ``end``, and forgets it."""
+    scheduled: bool = False
+    """It is in the writer's heap."""
     last_write: float = 0.0
+    expired_at: float = 0.0
+    """When (monotonic) the stream's expiry was last set."""
 
 
 class RedisLiveText(LiveText):
     """Appends each attempt's text to the job's Redis Stream, at most every ``interval_s`` per job.
 
-    Text is handed to one writer thread per process: text after a quiet spell is written at once, text
-    that follows within ``interval_s`` is coalesced, and the writes of all jobs due together go in one
-    pipeline. After a Redis error, writes are dropped (with a warning) for ``retry_after_s``, so they
-    never hold up the provider stream for long. The stream is kept at about ``max_entries`` entries,
-    lives ``active_ttl_s`` after each write while the job runs, and ``ended_ttl_s`` seconds after the
-    attempt ends.
+    Nothing here waits on Redis in the caller's thread: an attempt's start (``reset``), its text and its
+    end are queued for one writer thread per process, which writes the entries of every job due at once
+    in one pipeline (one round trip), in order per job. Text after a quiet spell is written at once, text
+    that follows within ``interval_s`` is coalesced; a start or an end is written at once. After a Redis
+    error, writes are dropped (with a warning) for ``retry_after_s``. The stream is kept at about
+    ``max_entries`` entries, lives ``active_ttl_s`` while the job runs (refreshed every
+    ``refresh_ttl_s``) and ``ended_ttl_s`` seconds after the attempt ends.
     """
 
     def __init__(
@@ -118,6 +129,7 @@ class RedisLiveText(LiveText):
         active_ttl_s: int = 3600,
         ended_ttl_s: int = 600,
         retry_after_s: float = 5.0,
+        refresh_ttl_s: float = 60.0,
     ) -> None:
         self.client = client
         self.interval_s = interval_s
@@ -125,43 +137,48 @@ class RedisLiveText(LiveText):
         self.active_ttl_s = active_ttl_s
         self.ended_ttl_s = ended_ttl_s
         self.retry_after_s = retry_after_s
+        self.refresh_ttl_s = refresh_ttl_s
         self._pending: dict[str, _Pending] = {}
-        self._due: list[tuple[float, int, str, _Pending]] = []
-        """A heap of the pendings with queued text, by when they are due: the writer never scans every job."""
+        """The running attempt of each job, by job id (text for any other attempt is ignored)."""
+        self._due: list[tuple[float, int, _Pending | str]] = []
+        """A heap of what the writer owes, by when it is due: an attempt's pending entries, or a job id whose
+        ``status`` entry is owed. The writer never scans every job."""
+        self._statuses: dict[str, int] = {}
         self._sequence = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._write_lock = threading.Lock()
-        """Held while writing, so the entries of one job reach Redis in the order they were produced."""
+        self._idle = threading.Condition(self._lock)
+        self._writing = False
         self._down_until = 0.0
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
     def attempt(self, job_id: str, attempt: int) -> Iterator[None]:
-        """Write ``reset`` (dropping earlier attempts' entries), then ``end`` once the attempt is over."""
-        with self._write_lock:
-            with self._lock:
-                self._pending[job_id] = _Pending(attempt)
-            self._write(job_id, [LiveEntry("reset", attempt)], ttl_s=self.active_ttl_s, fresh=True)
+        """Queue ``reset`` (the job's earlier entries are dropped with it), then ``end`` once the attempt is over."""
+        pending = _Pending(job_id, attempt)
+        with self._lock:
+            self._pending[job_id] = pending
+            self._schedule(pending, time.monotonic())
         try:
             yield
         finally:
-            with self._write_lock:
-                with self._lock:
-                    pending = self._pending.pop(job_id, None)
-                entries = [] if pending is None else self._take(pending)
-                self._write(job_id, [*entries, LiveEntry("end", attempt)], ttl_s=self.ended_ttl_s)
+            with self._lock:
+                pending.ended = True
+                if self._pending.get(job_id) is pending:
+                    del self._pending[job_id]
+                self._schedule(pending, time.monotonic())
 
     def status_changed(self, job_id: str) -> None:
-        """Append a ``status`` entry, so the job's readers re-read the store at once; never raises.
+        """Queue a ``status`` entry, so the job's readers re-read the store at once; never raises.
 
         It is no attempt's ``end``: a running attempt still ends its entries itself, after its last text.
         """
-        with self._write_lock:
-            self._write(job_id, [LiveEntry("status", 0)], ttl_s=self.ended_ttl_s)
+        with self._lock:
+            self._statuses[job_id] = self._statuses.get(job_id, 0) + 1
+            self._push(time.monotonic(), job_id)
 
     def append(self, job_id: str, attempt: int, text: str) -> None:
-        """Queue ``text`` for the writer thread: written at once when the job's last write is ``interval_s`` old.
+        """Queue ``text``: written at once when the job's last write is ``interval_s`` old, else when it is.
 
         It never blocks on Redis: it is called from the worker's stream loop, which serves every job's stream.
         """
@@ -171,25 +188,41 @@ class RedisLiveText(LiveText):
             pending = self._pending.get(job_id)
             if pending is None or pending.attempt != attempt:
                 return
-            first = not pending.pieces
             pending.pieces.append(text)
-            if first:
-                pending.due = max(time.monotonic(), pending.last_write + self.interval_s)
-                heapq.heappush(self._due, (pending.due, next(self._sequence), job_id, pending))
-                if self._due[0][3] is pending:
-                    self._ensure_thread()
-                    self._wake.notify()
+            self._schedule(pending, max(time.monotonic(), pending.last_write + self.interval_s))
 
-    def _take(self, pending: _Pending) -> list[LiveEntry]:
-        """The queued text of ``pending`` as one entry (caller holds ``_lock``)."""
-        if not pending.pieces:
-            return []
-        text = "".join(pending.pieces)
-        entry = LiveEntry("text", pending.attempt, pending.offset, text)
-        pending.offset += len(text)
-        pending.pieces.clear()
-        pending.last_write = time.monotonic()
-        return [entry]
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything queued so far is written (or dropped); False if that took longer than ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._due or self._writing:
+                if self._due:
+                    # Whatever waits for its coalescing interval is due now.
+                    self._due = [(0.0, sequence, item) for _, sequence, item in self._due]
+                    heapq.heapify(self._due)
+                    self._wake.notify()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    # -- the writer thread ------------------------------------------------------------------------
+
+    def _schedule(self, pending: _Pending, due: float) -> None:
+        """Put ``pending`` in the writer's heap (caller holds ``_lock``); an attempt's end is due at once."""
+        if pending.scheduled and not pending.ended:
+            return
+        # (Already waiting for its text's interval, an ended attempt gets a second, earlier heap entry: due now.)
+        pending.scheduled = True
+        self._push(due, pending)
+
+    def _push(self, due: float, item: _Pending | str) -> None:
+        first = not self._due or due < self._due[0][0]
+        heapq.heappush(self._due, (due, next(self._sequence), item))
+        if first:
+            self._ensure_thread()
+            self._wake.notify()
 
     def _ensure_thread(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -203,41 +236,70 @@ class RedisLiveText(LiveText):
                 if not self._due or self._due[0][0] > now:
                     self._wake.wait(timeout=None if not self._due else self._due[0][0] - now)
                     continue
-            with self._write_lock:
+                batch = self._take_due(now)
+                self._writing = True
+            try:
+                self._write_batch(batch)
+            finally:
                 with self._lock:
-                    now = time.monotonic()
-                    batches: dict[str, list[LiveEntry]] = {}
-                    while self._due and self._due[0][0] <= now:
-                        _, _, job_id, pending = heapq.heappop(self._due)
-                        if self._pending.get(job_id) is pending and pending.pieces:
-                            batches[job_id] = self._take(pending)
-                self._write_many(batches, ttl_s=self.active_ttl_s)
+                    self._writing = False
+                    if not self._due:
+                        self._idle.notify_all()
 
-    def _write_many(self, batches: dict[str, list[LiveEntry]], *, ttl_s: int, fresh: bool = False) -> None:
-        """XADD the entries of many jobs in one pipeline (one round trip) and refresh their expiry; never raises.
+    def _take_due(self, now: float) -> list[tuple[str, list[LiveEntry], bool, int | None]]:
+        """Everything due, as (job id, entries, delete the stream first, expiry to set) in the order owed."""
+        batch: list[tuple[str, list[LiveEntry], bool, int | None]] = []
+        while self._due and self._due[0][0] <= now:
+            _, _, item = heapq.heappop(self._due)
+            if isinstance(item, str):
+                count = self._statuses.pop(item, 0)
+                if count:
+                    batch.append((item, [LiveEntry("status", 0)] * count, False, self.ended_ttl_s))
+                continue
+            if not item.scheduled:
+                continue  # its second heap entry: written already
+            item.scheduled = False
+            entries: list[LiveEntry] = [LiveEntry("reset", item.attempt)] if item.fresh else []
+            if item.pieces:
+                text = "".join(item.pieces)
+                entries.append(LiveEntry("text", item.attempt, item.offset, text))
+                item.offset += len(text)
+                item.pieces.clear()
+                item.last_write = now
+            ttl: int | None = None
+            if item.ended:
+                entries.append(LiveEntry("end", item.attempt))
+                ttl = self.ended_ttl_s
+            elif item.fresh or now - item.expired_at >= self.refresh_ttl_s:
+                ttl = self.active_ttl_s
+                item.expired_at = now
+            if entries:
+                batch.append((item.job_id, entries, item.fresh, ttl))
+            item.fresh = False
+        return batch
 
-        With ``fresh``, each job's stream is deleted first, in the same transaction as its new entries.
+    def _write_batch(self, batch: list[tuple[str, list[LiveEntry], bool, int | None]]) -> None:
+        """XADD the entries of many jobs in one pipeline (one round trip), in order; never raises.
+
+        A transaction when a stream is deleted and started again in it, so that no reader sees it in between.
         """
-        batches = {job_id: entries for job_id, entries in batches.items() if entries}
-        if not batches or time.monotonic() < self._down_until:
+        if not batch or time.monotonic() < self._down_until:
             return
         try:
-            pipe = self.client.pipeline(transaction=fresh)
-            for job_id, entries in batches.items():
+            pipe = self.client.pipeline(transaction=any(fresh for _, _, fresh, _ in batch))
+            for job_id, entries, fresh, ttl in batch:
                 key = stream_key(job_id)
                 if fresh:
                     pipe.delete(key)
                 for entry in entries:
                     pipe.xadd(key, entry.fields(), maxlen=self.max_entries, approximate=True)  # type: ignore[arg-type]
-                pipe.expire(key, ttl_s)
+                if ttl is not None:
+                    pipe.expire(key, ttl)
             pipe.execute()
         except redis.RedisError as exc:
             self._down_until = time.monotonic() + self.retry_after_s
-            extra = {"job_id": next(iter(batches))} if len(batches) == 1 else {}
+            jobs = {job_id for job_id, _, _, _ in batch}
+            extra = {"job_id": next(iter(jobs))} if len(jobs) == 1 else {}
             logger.warning(
                 "live text not written (Redis: %s); readers fall back to the job store", type(exc).__name__, extra=extra
             )
-
-    def _write(self, job_id: str, entries: list[LiveEntry], *, ttl_s: int, fresh: bool = False) -> None:
-        """The entries of one job (after deleting its stream when ``fresh``); never raises."""
-        self._write_many({job_id: entries}, ttl_s=ttl_s, fresh=fresh)

@@ -18,6 +18,9 @@ ifdef PIP_CACHE_DIR
 export UV_CACHE_DIR ?= $(PIP_CACHE_DIR)/uv
 endif
 
+#: The service's own code, byte-compiled before the tests.
+PROJECT_CODE := actors admission brokers middleware repositories stack web settings.py scheduler.py llm_jobs.py
+
 .PHONY: install lock run demo test lint unit integration worker scheduler bench migrate clean
 
 $(UV):
@@ -26,10 +29,12 @@ $(UV):
 	@$(BIN)/python -m pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
 
 # Exactly the versions uv.lock pins (--frozen: never re-resolved), with every extra, since the tests use
-# them all. Prebuilt wheels only: nothing compiles. --inexact keeps uv itself, which the lock does not list.
+# them all. Prebuilt wheels only: no C is compiled. --inexact keeps uv itself, which the lock does not list.
+# --compile-bytecode writes the installed modules' .pyc files once: where PYTHONDONTWRITEBYTECODE is set (as on
+# the CI machines), every worker process would otherwise compile them again at each start (3.7 s, not 1.4 s).
 $(STAMP): pyproject.toml uv.lock | $(UV)
-	@echo "[setup] dependencies: installing what uv.lock pins (prebuilt wheels, nothing compiles)"
-	@$(UV) sync --frozen --inexact --quiet --all-extras
+	@echo "[setup] dependencies: installing what uv.lock pins (prebuilt wheels, no C compiled)"
+	@$(UV) sync --frozen --inexact --quiet --all-extras --compile-bytecode
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -49,7 +54,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
+# The project's own modules are byte-compiled too (quick when nothing changed): the tests start many workers.
 test: install lint
+	@$(BIN)/python -m compileall -q $(PROJECT_CODE)
 	$(BIN)/python -m pytest
 
 # The unit tier alone, with every service URL of the tests on a closed port (and no BROKER_URL): it passes with

@@ -1,9 +1,17 @@
-"""Progress and heartbeats of every running job of a worker process, written together once per interval.
+"""Progress and heartbeats of every running job of a worker process, written in batches by one thread.
 
-A job's stream appends its text to a ``Running`` entry; one writer thread per process sends all the
-new texts and lease heartbeats in one transaction every ``interval_s`` (``JobStore.heartbeat_many``).
-At 1,000 concurrent streams that is two statements per interval instead of 1,000 transactions, and
-no SQL ever runs on the event loop that reads the streams.
+A job's stream appends its text to a ``Running`` entry; one writer thread per process writes, in one
+transaction each:
+
+- every ``interval_s``, the lease heartbeats of all running jobs (``JobStore.heartbeat_many``), with
+  whatever text they have not written yet;
+- in between, the new text of each job as it arrives: at most every ``text_interval_s`` per job (its
+  pieces are coalesced), and at most every ``text_batch_s`` for the process (all jobs with text due are
+  written together, ``JobStore.write_texts``). A job whose text arrives once a second has it stored
+  within ``text_batch_s``, not up to ``interval_s`` later: the stored text grows as evenly as it streams.
+
+At 1,000 concurrent streams that is a few statements per interval instead of 1,000 transactions, and no
+SQL ever runs on the event loop that reads the streams.
 
 A job whose lease is no longer its own (cancelled, or taken over after its worker was presumed dead)
 has its ``lost`` flag raised: its stream stops, as it did when its own heartbeat found the row gone.
@@ -12,6 +20,8 @@ While the store is unreachable the streams go on; the next write that reaches it
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -33,6 +43,11 @@ class Running:
     flushed_chars: int = 0
     chars: int = 0
     lost: LoopFlag = field(default_factory=LoopFlag)
+    writer: ProgressWriter | None = None
+    """The writer that stores it (set by ``ProgressWriter.track``): told when new text is due."""
+    text_written_at: float = 0.0
+    """When (monotonic) its text was last written."""
+    text_scheduled: bool = False
 
     @property
     def text(self) -> str:
@@ -43,28 +58,50 @@ class Running:
         """Add a streamed piece (from the stream's loop; the writer thread reads it)."""
         self.pieces.append(text)
         self.chars += len(text)
+        if not self.text_scheduled and self.writer is not None:
+            self.writer.text_due(self)
 
 
 class ProgressWriter:
-    """The writer thread of one process: every ``interval_s``, one ``heartbeat_many`` for all tracked attempts."""
+    """The writer thread of one process: heartbeats every ``interval_s``, new text as it arrives (batched)."""
 
-    def __init__(self, store: JobStore, *, interval_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        interval_s: float = 0.5,
+        text_interval_s: float | None = None,
+        text_batch_s: float = 0.1,
+    ) -> None:
         self.store = store
         self.interval_s = interval_s
+        """How often every running job's lease is refreshed (with any text not written yet), in seconds."""
+        self.text_interval_s = interval_s if text_interval_s is None else text_interval_s
+        """The least time between two text writes of one job (its pieces coalesce meanwhile), in seconds."""
+        self.text_batch_s = min(text_batch_s, self.text_interval_s)
+        """The least time between two text writes of the process (each writes every job due), in seconds."""
         self._running: set[Running] = set()
+        self._texts: list[tuple[float, int, Running]] = []
+        """A heap of the attempts with text to write, by when it is due."""
+        self._sequence = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._wake_at = float("inf")
+        """When the writer thread wakes next (monotonic), so that an append wakes it only when it must be sooner."""
         self._thread: threading.Thread | None = None
         self._store_down = False
 
     def track(self, job_id: str, owner: str) -> Running:
         """Start writing the progress and heartbeat of this attempt."""
-        running = Running(job_id, owner)
+        running = Running(job_id, owner, writer=self)
         with self._lock:
+            first = not self._running
             self._running.add(running)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="progress-writer", daemon=True)
                 self._thread.start()
+            elif first:
+                self._wake.notify()  # it waits with no deadline while nothing runs
         return running
 
     def untrack(self, running: Running) -> None:
@@ -72,47 +109,112 @@ class ProgressWriter:
         with self._lock:
             self._running.discard(running)
 
+    def text_due(self, running: Running) -> None:
+        """``running`` has new text: due now, or ``text_interval_s`` after its last write (its pieces coalesce)."""
+        with self._lock:
+            if running.text_scheduled or running not in self._running:
+                return
+            running.text_scheduled = True
+            due = max(time.monotonic(), running.text_written_at + self.text_interval_s)
+            heapq.heappush(self._texts, (due, next(self._sequence), running))
+            if due < self._wake_at:
+                self._wake.notify()
+
     def _run(self) -> None:
-        next_at = time.monotonic() + self.interval_s
+        next_beat = time.monotonic() + self.interval_s
+        texts_written_at = 0.0
         while True:
             with self._lock:
-                while not self._running or time.monotonic() < next_at:
+                while True:
+                    now = time.monotonic()
                     if not self._running:
-                        self._wake.wait(timeout=self.interval_s)
-                        next_at = time.monotonic() + self.interval_s
+                        self._wake_at = float("inf")
+                        self._wake.wait()
+                        next_beat = time.monotonic() + self.interval_s
                         continue
-                    self._wake.wait(timeout=max(0.0, next_at - time.monotonic()))
-                batch = list(self._running)
-            next_at = time.monotonic() + self.interval_s
+                    texts_at = max(self._texts[0][0], texts_written_at + self.text_batch_s) if self._texts else None
+                    if now >= next_beat or (texts_at is not None and now >= texts_at):
+                        break
+                    self._wake_at = min(next_beat, texts_at) if texts_at is not None else next_beat
+                    self._wake.wait(self._wake_at - now)
+                self._wake_at = now
+                beat = now >= next_beat
+                if beat:
+                    batch = list(self._running)
+                    self._texts.clear()
+                else:
+                    batch = []
+                    while self._texts and self._texts[0][0] <= now:
+                        running = heapq.heappop(self._texts)[2]
+                        if running in self._running:
+                            batch.append(running)
+                for running in batch:
+                    running.text_scheduled = False
             try:
-                self.write(batch)
+                if beat:
+                    next_beat = now + self.interval_s
+                    self.write(batch)
+                else:
+                    texts_written_at = now
+                    self.write_texts(batch)
             except Exception:
                 logger.exception("progress write failed; the next interval tries again")
 
     def write(self, batch: list[Running]) -> None:
         """Write the heartbeats and grown texts of ``batch`` now, and raise ``lost`` on those no longer held."""
+        now = time.monotonic()
         beats: list[Heartbeat] = []
         sizes: list[int] = []
         for running in batch:
-            chars = running.chars
-            content = "".join(running.pieces[:]) if chars != running.flushed_chars else None
+            content = self._new_text(running)
             beats.append(Heartbeat(running.job_id, running.owner, content))
             sizes.append(len(content) if content is not None else running.flushed_chars)
         try:
             lost = self.store.heartbeat_many(beats)
         except Exception as error:
-            if not is_store_outage(error):
-                raise
-            # Only the write failed: the streams go on, and the next write carries all the text so far.
-            if not self._store_down:
-                logger.warning("job store unreachable (%s): streaming on", type(error).__name__)
-            self._store_down = True
+            self._failed(error)
             return
-        if self._store_down:
-            logger.info("job store reachable again: progress written")
-            self._store_down = False
-        for running, size in zip(batch, sizes, strict=True):
+        self._answered()
+        for running, beat, size in zip(batch, beats, sizes, strict=True):
             if running.owner in lost:
                 running.lost.set()
             else:
                 running.flushed_chars = size
+                if beat.content is not None:
+                    running.text_written_at = now
+
+    def write_texts(self, batch: list[Running]) -> None:
+        """Write the grown texts of ``batch`` now (a lease no longer held is found by the next heartbeat)."""
+        now = time.monotonic()
+        texts = [(running, self._new_text(running)) for running in batch]
+        beats = [Heartbeat(running.job_id, running.owner, content) for running, content in texts if content is not None]
+        if not beats:
+            return
+        try:
+            self.store.write_texts(beats)
+        except Exception as error:
+            self._failed(error)
+            return
+        self._answered()
+        for running, content in texts:
+            if content is not None:
+                running.flushed_chars = len(content)
+                running.text_written_at = now
+
+    @staticmethod
+    def _new_text(running: Running) -> str | None:
+        """All of the attempt's text, when it grew since its last write."""
+        return "".join(running.pieces[:]) if running.chars != running.flushed_chars else None
+
+    def _failed(self, error: Exception) -> None:
+        if not is_store_outage(error):
+            raise error
+        # Only the write failed: the streams go on, and the next write carries all the text so far.
+        if not self._store_down:
+            logger.warning("job store unreachable (%s): streaming on", type(error).__name__)
+        self._store_down = True
+
+    def _answered(self) -> None:
+        if self._store_down:
+            logger.info("job store reachable again: progress written")
+            self._store_down = False

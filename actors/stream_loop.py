@@ -7,7 +7,10 @@ and a provider keeps one connection pool (keep-alive) for every job of the proce
 
 The waiting thread wakes every ``poll_s`` so that the exceptions Dramatiq raises asynchronously in a
 worker thread (``TimeLimitExceeded``, ``Shutdown``) still reach it. Such an exception cancels the
-coroutine on the loop, waits briefly for it to close its stream, and propagates as before.
+coroutine on the loop, waits briefly for it to close its stream, and propagates as before. They are
+back-stops only: an attempt ends itself at its own wall-clock limit, a minute before Dramatiq's time
+limit, and a worker shutting down hands its jobs back through their cancel watches. So the wait is long
+(10 s): a thousand waiting threads that woke every second cost the loop a thousand GIL switches a second.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ CANCEL_GRACE_S = 5.0
 class StreamLoop:
     """A process-wide asyncio loop in a daemon thread, started on first use; ``run`` blocks the calling thread."""
 
-    def __init__(self, *, poll_s: float = 1.0, name: str = "stream-loop") -> None:
+    def __init__(self, *, poll_s: float = 10.0, name: str = "stream-loop") -> None:
         self.poll_s = poll_s
         self._name = name
         self._lock = threading.Lock()

@@ -685,6 +685,20 @@ class JobStore:
                 connection.execute(self._sql.write_text, texts)
         return {beat.owner for beat in beats} - held
 
+    def write_texts(self, beats: Sequence[Heartbeat]) -> None:
+        """Write the partial texts of many running jobs in one transaction, each only while its lease is held.
+
+        No lease is refreshed and none is reported lost: ``heartbeat_many`` does that, once per interval.
+        """
+        texts = [
+            {"b_job": beat.job_id, "b_owner": beat.owner, "b_content": beat.content}
+            for beat in beats
+            if beat.content is not None
+        ]
+        if texts:
+            with self.engine.begin() as connection:
+                connection.execute(self._sql.write_text, texts)
+
     def complete(
         self,
         job_id: str,

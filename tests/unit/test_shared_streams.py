@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
 
 from actors.jobs import Delivery, JobRunner, RetryPolicy
 from actors.payloads import GenerateMessage
@@ -16,6 +17,7 @@ from repositories.openrouter import OpenRouterProvider
 from repositories.scripted import ScriptedProvider, ScriptedReply
 from repositories.store import Heartbeat, JobKind, JobStatus, JobStore
 from tests.conftest import unique
+from tests.harness import wait_until
 
 
 class LoopRecordingProvider(ScriptedProvider):
@@ -133,3 +135,59 @@ def test_the_progress_writer_writes_every_tracked_job_and_raises_lost_on_a_cance
     assert sqlite_store.get(kept_id).content == "hello world"  # type: ignore[union-attr]
     assert not kept.lost.is_set()
     assert gone.lost.is_set()
+
+
+class _RecordingStore(JobStore):
+    """A job store that notes when each batch of texts was written, and what it held."""
+
+    text_writes: list[tuple[float, dict[str, str | None]]]
+
+    def write_texts(self, beats: Sequence[Heartbeat]) -> None:
+        super().write_texts(beats)
+        self.text_writes.append((time.monotonic(), {beat.job_id: beat.content for beat in beats}))
+
+
+def test_new_text_is_written_as_it_arrives_not_at_the_next_heartbeat(sqlite_store: JobStore) -> None:
+    # Given a progress writer whose heartbeats are a minute apart, and a running job
+    store = _RecordingStore(sqlite_store.engine)
+    store.text_writes = []
+    writer = ProgressWriter(store, interval_s=60, text_batch_s=0.05)
+    job_id, owner = unique("job"), unique("owner")
+    _claimed(store, job_id, owner)
+    running = writer.track(job_id, owner)
+    # When a piece of text arrives
+    running.append("first")
+    # Then it is stored long before the next heartbeat would carry it
+    wait_until(lambda: store.get(job_id).content == "first", timeout=5, what="the text")  # type: ignore[union-attr]
+    writer.untrack(running)
+
+
+def test_pieces_of_one_job_are_coalesced_over_the_interval_and_all_jobs_due_are_written_together(
+    sqlite_store: JobStore,
+) -> None:
+    # Given a progress writer writing each job's text at most every 0.4 s (heartbeats a minute apart), three jobs
+    store = _RecordingStore(sqlite_store.engine)
+    store.text_writes = []
+    writer = ProgressWriter(store, interval_s=60, text_interval_s=0.4, text_batch_s=0.05)
+    jobs = [(unique("job"), unique("owner")) for _ in range(3)]
+    for job_id, owner in jobs:
+        _claimed(store, job_id, owner)
+    tracked = [writer.track(job_id, owner) for job_id, owner in jobs]
+    # When each job streams a piece at once, and the first job more pieces right after
+    for running in tracked:
+        running.append("a")
+    wait_until(lambda: store.text_writes, timeout=5, what="the first write")
+    for piece in "bcd":
+        tracked[0].append(piece)
+    wait_until(
+        lambda: store.get(jobs[0][0]).content == "abcd",  # type: ignore[union-attr]
+        timeout=5,
+        what="the later pieces",
+    )
+    for running in tracked:
+        writer.untrack(running)
+    # Then the three first pieces went in one write, and the later ones in one more, an interval after it
+    (first_at, first), *later = [(at, texts) for at, texts in store.text_writes if texts]
+    assert first == {job_id: "a" for job_id, _ in jobs}
+    assert [texts for _, texts in later] == [{jobs[0][0]: "abcd"}]
+    assert later[0][0] - first_at >= 0.4 - 0.01

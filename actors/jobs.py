@@ -292,6 +292,11 @@ class JobRunner:
         existing = self.store.get(job_id)
         if existing is None:
             self.store.create(job_id=job_id, user_id=user_id, kind=kind, request=request, enqueued=True)
+        if existing is None or (
+            existing.status is JobStatus.PENDING and existing.user_id == user_id and existing.kind is kind
+        ):
+            # The row was missing (web code sent the actor directly, or its enqueue had not committed yet: an
+            # enqueue commits its row only once the message is sent), or it committed just after the first claim.
             job = claim()
             if job is not None:
                 return job

@@ -284,12 +284,12 @@ class JobQueue:
         lock). Should the commit itself fail after the send, ``StoreUnavailable`` is raised although the job
         will run: enqueueing again with the same ``job_id`` is then one job still.
         """
-        message = self.broker.get_actor(tasks.JOB_ACTOR_NAMES[kind]).message(**payload)
         with _store_errors():
             store = self.store  # built on first use: a store down then is unavailable like any other time
-            with store.creating(job_id=job_id, user_id=user_id, kind=kind, request=request) as created:
-                if created:
-                    self._send(message)
+        message = self.broker.get_actor(tasks.JOB_ACTOR_NAMES[kind]).message(**payload)
+        with _store_errors(), store.creating(job_id=job_id, user_id=user_id, kind=kind, request=request) as created:
+            if created:
+                self._send(message)
         if created:
             logger.info("job enqueued", extra={"job_id": job_id, "user_id": user_id, "kind": str(kind)})
             return

@@ -13,7 +13,7 @@ from actors.payloads import GenerateMessage, PreviewMessage
 from repositories.chat import ChatProvider
 from repositories.errors import RateLimited, Rejected, Unavailable
 from repositories.scripted import ScriptedProvider, ScriptedReply
-from repositories.store import JobStatus, JobStore
+from repositories.store import JobKind, JobStatus, JobStore
 from tests.conftest import unique
 
 
@@ -187,3 +187,32 @@ def test_a_cancel_while_streaming_keeps_the_partial_text_and_is_not_retried(sqli
     assert job.content
     assert "abcdefghij".startswith(job.content)
     assert provider.closed_early == 1
+
+
+class _CommittedLate(JobStore):
+    """A store whose job row commits just after the delivery's first claim looked for it (the enqueue commits its
+    row only once the message is sent, and a pushed message can arrive before that)."""
+
+    row: tuple[str, str] | None = None
+
+    def claim(self, job_id: str, **kwargs: Any) -> Any:
+        if self.row is not None:
+            self.create(job_id=self.row[0], user_id=self.row[1], kind=JobKind.GENERATE, request={}, enqueued=True)
+            self.row = None
+            return None  # the claim ran before the commit
+        return super().claim(job_id, **kwargs)
+
+
+def test_a_row_committed_just_after_the_first_claim_is_claimed_and_run(sqlite_store: JobStore) -> None:
+    # Given a delivery that finds no row to claim, because its enqueue commits it a moment later
+    store = _CommittedLate(sqlite_store.engine)
+    job_id = unique("job")
+    store.row = (job_id, "u1")
+    provider = ScriptedProvider([ScriptedReply(pieces=("late", " row"))])
+    # When the delivery runs
+    runner_for(store, provider).run_generation(generate(job_id), delivery())
+    # Then it claimed the row once it was there and ran the job, instead of skipping a pending job
+    job = store.get(job_id)
+    assert job is not None
+    assert job.status is JobStatus.COMPLETED
+    assert job.content == "late row"

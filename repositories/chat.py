@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import re
 import threading
 import weakref
@@ -132,55 +131,95 @@ Client = TypeVar("Client")
 
 
 class LoopClients(Generic[Client]):
-    """One HTTP client per event loop, made on first use: a provider's connection pool (keep-alive).
+    """HTTP clients of one event loop, made on first use: a provider's connection pools (keep-alive).
 
     A client and its pooled connections belong to the loop that opened them, so the worker's one stream
-    loop (``actors.stream_loop``) gets one client for all of its jobs. ``close_clients`` closes every
+    loop (``actors.stream_loop``) gets the clients for all of its jobs. ``close_clients`` closes every
     client of a loop before the loop ends. With ``keep_alive`` off, ``lease`` builds a client for each
     use and closes it after (a connection per job).
+
+    A lease takes the client with the fewest requests in flight, and a new client once every client has
+    ``requests_per_client`` in flight (up to ``max_clients``). httpcore's pool looks through all of its
+    connections each time a request starts or ends; a thousand streams in one pool cost it a million
+    checks to start, and a few dozen pools of a few dozen connections cost a few thousand. Requests made
+    one after another all go to the first client, and so reuse its one connection.
     """
 
     def __init__(
-        self, build: Callable[[], Client], close: Callable[[Client], Awaitable[None]], *, keep_alive: bool = True
+        self,
+        build: Callable[[], Client],
+        close: Callable[[Client], Awaitable[None]],
+        *,
+        keep_alive: bool = True,
+        requests_per_client: int = 32,
+        max_clients: int = 64,
     ) -> None:
         self._build = build
         self._close = close
         self._keep_alive = keep_alive
+        self.requests_per_client = requests_per_client
+        self.max_clients = max_clients
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Client]:
-        """The client for one request: the running loop's pooled one, or with ``keep_alive`` off a fresh one."""
-        if self._keep_alive:
-            yield self.get()
+        """The client for one request: the running loop's least busy one, or with ``keep_alive`` off a fresh one."""
+        if not self._keep_alive:
+            client = self._build()
+            try:
+                yield client
+            finally:
+                await self._close(client)
             return
-        client = self._build()
+        pooled = self._pooled()
+        pooled.in_flight += 1
         try:
-            yield client
+            yield pooled.client
         finally:
-            await self._close(client)
+            pooled.in_flight -= 1
 
     def get(self) -> Client:
-        """The running loop's client."""
+        """The running loop's least busy client (one request's worth; ``lease`` also counts it in flight)."""
+        return self._pooled().client
+
+    def _pooled(self) -> _Pooled[Client]:
         loop = asyncio.get_running_loop()
         with _registry_lock:
-            clients = _clients.setdefault(loop, {})
-            entry = clients.get(id(self))
-            if entry is None:
-                client = self._build()
-                clients[id(self)] = (client, functools.partial(self._close, client))
-                return client
-            return cast(Client, entry[0])
+            pools = _clients.setdefault(loop, {})
+            mine = pools.get(id(self))
+            if mine is None:
+                mine = pools[id(self)] = _LoopPools(self._close)
+        pooled = min(mine.clients, key=lambda entry: entry.in_flight, default=None)
+        if pooled is None or (pooled.in_flight >= self.requests_per_client and len(mine.clients) < self.max_clients):
+            pooled = _Pooled(self._build())
+            mine.clients.append(pooled)
+        return cast(_Pooled[Client], pooled)
 
 
-_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[int, tuple[object, Callable[[], Awaitable[None]]]]
-] = weakref.WeakKeyDictionary()
+@dataclass(eq=False)
+class _Pooled(Generic[Client]):
+    client: Client
+    in_flight: int = 0
+
+
+class _LoopPools:
+    """The clients one ``LoopClients`` made on one loop (only that loop touches them)."""
+
+    def __init__(self, close: Callable[[Any], Awaitable[None]]) -> None:
+        self.clients: list[_Pooled[Any]] = []
+        self._close = close
+
+    async def close(self) -> None:
+        for pooled in self.clients:
+            await self._close(pooled.client)
+
+
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _LoopPools]] = weakref.WeakKeyDictionary()
 _registry_lock = threading.Lock()
 
 
 async def close_clients() -> None:
     """Close every pooled client of the running loop (call it on the loop before stopping it)."""
     with _registry_lock:
-        entries = list(_clients.pop(asyncio.get_running_loop(), {}).values())
-    for _, close in entries:
-        await close()
+        pools = list(_clients.pop(asyncio.get_running_loop(), {}).values())
+    for pooled in pools:
+        await pooled.close()

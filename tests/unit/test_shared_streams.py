@@ -12,7 +12,7 @@ from actors.payloads import GenerateMessage
 from actors.progress import ProgressWriter
 from actors.stream_loop import StreamLoop
 from bench.sse_server import StreamingServer
-from repositories.chat import ChatMessage, ChatRequest, StreamEvent
+from repositories.chat import ChatMessage, ChatRequest, LoopClients, StreamEvent, close_clients
 from repositories.openrouter import OpenRouterProvider
 from repositories.scripted import ScriptedProvider, ScriptedReply
 from repositories.store import Heartbeat, JobKind, JobStatus, JobStore
@@ -191,3 +191,45 @@ def test_pieces_of_one_job_are_coalesced_over_the_interval_and_all_jobs_due_are_
     assert first == {job_id: "a" for job_id, _ in jobs}
     assert [texts for _, texts in later] == [{jobs[0][0]: "abcd"}]
     assert later[0][0] - first_at >= 0.4 - 0.01
+
+
+def test_a_loops_clients_are_shared_one_after_another_and_spread_when_many_requests_run_at_once() -> None:
+    # Given pooled clients of at most two requests in flight each
+    built: list[object] = []
+
+    async def close(client: object) -> None:
+        return None
+
+    def build() -> object:
+        built.append(object())
+        return built[-1]
+
+    clients = LoopClients(build, close, requests_per_client=2)
+
+    async def scenario() -> tuple[set[int], set[int]]:
+        # When three requests run one after another, then five at once
+        one_after_another = set()
+        for _ in range(3):
+            async with clients.lease() as client:
+                one_after_another.add(id(client))
+        release = asyncio.Event()
+        at_once: set[int] = set()
+
+        async def hold() -> None:
+            async with clients.lease() as client:
+                at_once.add(id(client))
+                await release.wait()
+
+        tasks = [asyncio.create_task(hold()) for _ in range(5)]
+        while len(at_once) < 3 and not all(task.done() for task in tasks):
+            await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*tasks)
+        await close_clients()
+        return one_after_another, at_once
+
+    one_after_another, at_once = asyncio.run(scenario())
+    # Then the sequential requests shared one client, and the concurrent ones were spread over three
+    assert len(one_after_another) == 1
+    assert len(at_once) == 3
+    assert len(built) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from repositories.redaction import redact
 from repositories.sql_deadline import StatementDeadline, store_unavailable
+from repositories.write_batches import WriteBatches
 
 logger = logging.getLogger(__name__)
 
@@ -444,6 +446,25 @@ def ping_when_idle(engine: Engine, *, idle_s: float) -> None:
             raise DisconnectionError("pooled connection failed its ping") from exc
 
 
+_sqlite_write_locks: dict[str, threading.Lock] = {}
+_sqlite_write_locks_guard = threading.Lock()
+
+
+def _sqlite_write_lock(engine: Engine) -> contextlib.AbstractContextManager[object]:
+    """A lock that the threads of this process take around a SQLite write transaction; none for PostgreSQL.
+
+    SQLite lets one writer in at a time, and a writer that finds the lock taken polls for it, sleeping
+    1, 2, 5, 10 ms and more between tries (its busy handler). A thousand worker threads claiming jobs at
+    once, beside the progress writer, spent most of their time asleep there: waiting on a lock of the
+    process instead hands the database over the moment it is free. Other processes still meet SQLite's
+    busy handler.
+    """
+    if engine.dialect.name != "sqlite":
+        return contextlib.nullcontext()
+    with _sqlite_write_locks_guard:
+        return _sqlite_write_locks.setdefault(engine.url.render_as_string(), threading.Lock())
+
+
 #: Leases refreshed by one statement of ``heartbeat_many`` (bounded for SQLite's bind-parameter limit).
 HEARTBEAT_BATCH = 500
 
@@ -463,6 +484,19 @@ class JobStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sql = JobStatements(engine.dialect.name)
+        self._write_lock = _sqlite_write_lock(engine)
+        self._batches = (
+            WriteBatches(self._writing, is_outage=is_store_outage) if engine.dialect.name == "sqlite" else None
+        )
+        """On SQLite, claims and outcome writes of concurrent threads go in one transaction per batch: its one
+        writer at a time then commits once for many. PostgreSQL runs them side by side on the pool's connections
+        (a batch there would hold every row it wrote until its last statement, against the progress writer's)."""
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """A write transaction; on SQLite, one at a time per engine (see ``_sqlite_write_lock``)."""
+        with self._write_lock, self.engine.begin() as connection:
+            yield connection
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -480,7 +514,7 @@ class JobStore:
 
         ``enqueued`` says its message is already in the broker (a worker creating the row of a message).
         """
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             return self._insert_pending(connection, job_id, user_id, kind, request, now or utcnow(), enqueued=enqueued)
 
     @contextlib.contextmanager
@@ -492,7 +526,7 @@ class JobStore:
         commit no other connection sees the row: a worker that receives the message first waits for it
         (PostgreSQL's unique index, SQLite's write lock) or creates it from the message.
         """
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             yield self._insert_pending(connection, job_id, user_id, kind, request, utcnow(), enqueued=True)
 
     def _insert_pending(
@@ -525,7 +559,7 @@ class JobStore:
 
     def mark_enqueued(self, job_id: str) -> None:
         """Record that the job's message reached the broker."""
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             connection.execute(update(JobRow).where(JobRow.job_id == job_id).values(enqueued_at=utcnow()))
 
     def unsent_before(self, cutoff: datetime, *, limit: int = 100) -> list[Job]:
@@ -604,7 +638,7 @@ class JobStore:
             .where(JobRow.job_id == job_id, JobRow.status.in_([str(s) for s in sources_of(target)]), *conditions)
             .values(values)
         )
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             changed = connection.execute(statement).rowcount == 1
         if changed:
             logger.debug("job moved to %s", target, extra={"job_id": job_id, "status": str(target)})
@@ -639,15 +673,18 @@ class JobStore:
             "p_user_id": user_id,
             "p_kind": None if kind is None else str(kind),
         }
-        with self.engine.begin() as connection:
-            row = connection.execute(statement, params).first()
+        if self._batches is None:
+            with self._writing() as connection:
+                row = connection.execute(statement, params).first()
+        else:
+            row = self._batches.write(lambda connection: connection.execute(statement, params).first())
         return None if row is None else Job.from_row(row)
 
     def heartbeat(self, job_id: str, *, owner: str, content: str | None = None) -> bool:
         """Refresh the lease and, when given, the partial text; False once the job is no longer ours."""
         statement = self._sql.heartbeat if content is None else self._sql.heartbeat_with_text
         params = {"p_job_id": job_id, "p_owner": owner, "p_now": utcnow(), "p_content": content}
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             return bool(connection.execute(statement, params).rowcount == 1)
 
     def heartbeat_many(self, beats: Sequence[Heartbeat]) -> set[str]:
@@ -661,7 +698,7 @@ class JobStore:
             return set()
         now = utcnow()
         held: set[str] = set()
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             for start in range(0, len(beats), HEARTBEAT_BATCH):
                 chunk = beats[start : start + HEARTBEAT_BATCH]
                 refresh = (
@@ -696,7 +733,7 @@ class JobStore:
             if beat.content is not None
         ]
         if texts:
-            with self.engine.begin() as connection:
+            with self._writing() as connection:
                 connection.execute(self._sql.write_text, texts)
 
     def complete(
@@ -724,9 +761,12 @@ class JobStore:
         return self._changed(self._sql.complete, params, JobStatus.COMPLETED)
 
     def _changed(self, statement: Any, params: dict[str, Any], target: JobStatus) -> bool:
-        """Run a prebuilt compare-and-set to ``target``; True when it changed the row."""
-        with self.engine.begin() as connection:
-            changed = connection.execute(statement, params).rowcount == 1
+        """Run a prebuilt compare-and-set to ``target`` (with other threads' writes); True when it changed the row."""
+        if self._batches is None:
+            with self._writing() as connection:
+                changed = connection.execute(statement, params).rowcount == 1
+        else:
+            changed = self._batches.write(lambda connection: connection.execute(statement, params).rowcount == 1)
         if changed:
             logger.debug("job moved to %s", target, extra={"job_id": params["p_job_id"], "status": str(target)})
         return bool(changed)
@@ -759,7 +799,7 @@ class JobStore:
             .where(JobRow.job_id == job_id, JobRow.status == JobStatus.PENDING)
             .values(error=redact(note), updated_at=utcnow())
         )
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             return connection.execute(statement).rowcount == 1
 
     def cancel(self, job_id: str, *, user_id: str) -> bool:
@@ -768,7 +808,7 @@ class JobStore:
 
     def keep_partial(self, job_id: str, *, owner: str, content: str) -> None:
         """Save the text streamed before a cancel took effect, without touching the status."""
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             connection.execute(
                 update(JobRow)
                 .where(
@@ -848,7 +888,7 @@ class JobStore:
             )
         else:
             return False
-        with self.engine.begin() as connection:
+        with self._writing() as connection:
             return connection.execute(statement).rowcount == 1
 
     def count_stale_processing(self, stale_before: datetime) -> int:
@@ -884,7 +924,7 @@ class JobStore:
             ids = self.finished_before(cutoff, limit=batch_size)
             if not ids:
                 return total
-            with self.engine.begin() as connection:
+            with self._writing() as connection:
                 total += connection.execute(
                     delete(JobRow).where(JobRow.job_id.in_(ids), JobRow.status.in_([str(s) for s in FINAL_STATUSES]))
                 ).rowcount

@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.cancel import percentile
 from bench.scale_support import TreeMeter, bare_env, project_env
-from bench.sse_server import StreamingServer
+from bench.sse_server import ProcessStreamingServer as StreamingServer
 
 PICKUP_INTERVAL_MS = 300
 SETTLE_S = 2.0

@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
+import multiprocessing.process
 import re
 import threading
 import time
 from collections.abc import Mapping
+from multiprocessing.connection import Connection
 from types import TracebackType
+from typing import Any
 
 _KEY = re.compile(r"\[\[([^\]]+)\]\]")
 _HEAD = (
@@ -150,3 +154,120 @@ class StreamingServer:
             self.open_streams -= 1
         self.completed += 1
         return True
+
+
+class ProcessStreamingServer:
+    """``StreamingServer`` in a process of its own, as a real provider is: its loop never waits for the bench's GIL.
+
+    The scale benches enqueue a thousand jobs from their own process while the server accepts a thousand
+    connections; in one process the enqueue loop and the server took turns, and the measured pickup and
+    makespan included the bench's own contention. The figures the benches read (``received``, the counters)
+    are fetched from the server process on each access.
+    """
+
+    def __init__(self, *, chunks: int = 3, chunk_delay_s: float = 0.0) -> None:
+        self.chunks = chunks
+        self.chunk_delay_s = chunk_delay_s
+        self.port = 0
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._control: Connection | None = None
+        self._control_lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        """The ``OPENROUTER_BASE_URL`` to point a worker at."""
+        return f"http://127.0.0.1:{self.port}/api/v1"
+
+    def start(self) -> ProcessStreamingServer:
+        """Start the server process and wait for its port."""
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        ours, theirs = context.Pipe()
+        self._process = context.Process(
+            target=_serve_in_process, args=(theirs, self.chunks, self.chunk_delay_s), name="bench-sse-server"
+        )
+        self._process.daemon = True
+        self._process.start()
+        if not ours.poll(30):
+            raise RuntimeError("the bench SSE server process did not start")
+        self.port = int(ours.recv())
+        self._control = ours
+        return self
+
+    def stop(self) -> None:
+        """Stop the server process."""
+        if self._control is not None:
+            with contextlib.suppress(OSError, EOFError), self._control_lock:
+                self._control.send("stop")
+            self._control.close()
+            self._control = None
+        if self._process is not None:
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.kill()
+            self._process = None
+
+    def __enter__(self) -> ProcessStreamingServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _stats(self) -> dict[str, Any]:
+        if self._control is None:
+            raise RuntimeError("the bench SSE server is not running")
+        with self._control_lock:
+            self._control.send("stats")
+            stats: dict[str, Any] = self._control.recv()
+        return stats
+
+    @property
+    def received(self) -> dict[str, float]:
+        """Arrival time of each keyed request (see ``StreamingServer``)."""
+        received: dict[str, float] = self._stats()["received"]
+        return received
+
+    @property
+    def requests(self) -> int:
+        """Requests served."""
+        return int(self._stats()["requests"])
+
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted."""
+        return int(self._stats()["connections"])
+
+    @property
+    def completed(self) -> int:
+        """Streams sent to their end."""
+        return int(self._stats()["completed"])
+
+    @property
+    def peak_open_streams(self) -> int:
+        """The most streams open at once."""
+        return int(self._stats()["peak_open_streams"])
+
+
+def _serve_in_process(control: Connection, chunks: int, chunk_delay_s: float) -> None:
+    server = StreamingServer(chunks=chunks, chunk_delay_s=chunk_delay_s).start()
+    control.send(server.port)
+    try:
+        while True:
+            try:
+                command = control.recv()
+            except EOFError:
+                return
+            if command == "stop":
+                return
+            control.send(
+                {
+                    "received": dict(server.received),
+                    "requests": server.requests,
+                    "connections": server.connections,
+                    "completed": server.completed,
+                    "peak_open_streams": server.peak_open_streams,
+                }
+            )
+    finally:
+        server.stop()

@@ -37,7 +37,7 @@ from bench.scale_support import (
     message_broker,
     project_env,
 )
-from bench.sse_server import StreamingServer
+from bench.sse_server import ProcessStreamingServer as StreamingServer
 
 SAMPLE_INTERVAL_S = 0.25
 MIB = 1024 * 1024

@@ -35,7 +35,7 @@ from bench.scale_support import (
     message_broker,
     project_env,
 )
-from bench.sse_server import StreamingServer
+from bench.sse_server import ProcessStreamingServer as StreamingServer
 
 ENQUEUE_SAMPLES = 200
 

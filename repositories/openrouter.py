@@ -22,6 +22,7 @@ from repositories.errors import (
     Unavailable,
     error_for_status,
 )
+from repositories.http_transport import asyncio_transport
 from repositories.redaction import redact, register_secret
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,8 @@ class OpenRouterProvider:
     def _new_client(self) -> httpx.AsyncClient:
         # No cap on connections: the worker's thread count already bounds how many streams run at once.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS)
-        return httpx.AsyncClient(timeout=self._timeout, verify=self._ssl_context, follow_redirects=False, limits=limits)
+        transport = asyncio_transport(verify=self._ssl_context, limits=limits)
+        return httpx.AsyncClient(timeout=self._timeout, transport=transport, follow_redirects=False)
 
     @property
     def name(self) -> str:

@@ -71,7 +71,7 @@ class ProgressWriter:
         *,
         interval_s: float = 0.5,
         text_interval_s: float | None = None,
-        text_batch_s: float = 0.1,
+        text_batch_s: float = 0.02,
     ) -> None:
         self.store = store
         self.interval_s = interval_s

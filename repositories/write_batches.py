@@ -1,13 +1,16 @@
-"""Writes of many threads combined into one transaction: the first caller writes for everyone waiting.
+"""Writes of many threads combined into one transaction by one writer thread.
 
 A worker process with a thousand threads claims a thousand jobs at once (and completes them at once
 half a minute later). One transaction each means a thousand lock acquisitions and commits, and on
 SQLite a thousand turns at its single write lock, each taken by a thread that then waits for the GIL
-among a thousand others. ``WriteBatches`` combines them instead (flat combining): a caller queues its
-statement; if no batch is being written, it writes the queue, every statement in one transaction, and
-hands the results out; the callers that queued meanwhile wait, and the first of them writes the next
-batch. No thread of its own, nothing waits longer than one batch before its own is written, and one
-caller alone writes alone, at once.
+among a thousand others. ``WriteBatches`` combines them instead: a caller queues its statement and
+waits; one writer thread per store writes everything queued so far in one transaction and hands each
+caller its own result. One caller alone is written at once, in a transaction of its own.
+
+The writer is a thread of its own rather than one of the callers: an exception raised in a waiting caller
+from outside (Dramatiq raises its time limit asynchronously in a worker thread) lands once its wait ends,
+and a caller that was to write the next batch would then leave the others waiting for ever. Callers wait
+without waking: a thousand of them waking ten times a second cost more than the batches save.
 
 A batch whose transaction fails for a reason other than an outage is written again one statement per
 transaction, so that one bad statement fails only its own caller; an outage fails each of them at once,
@@ -16,6 +19,7 @@ as it would have failed each alone.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -23,23 +27,26 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection
 
+logger = logging.getLogger(__name__)
+
 Result = TypeVar("Result")
 
 #: One statement of a batch: run it on the batch's connection and return what its caller gets.
 Write = Callable[[Connection], Any]
 
+#: What a queued statement holds until it was written.
+_UNSET: Any = object()
+
 
 class _Queued(Generic[Result]):
     """One caller's statement, and what it got back."""
 
-    __slots__ = ("done", "error", "lead", "result", "write")
+    __slots__ = ("done", "error", "result", "write")
 
     def __init__(self, write: Write) -> None:
         self.write = write
         self.done = threading.Event()
-        self.lead = False
-        """Set with ``done`` when this caller is to write the next batch (its own statement is in it)."""
-        self.result: Any = None
+        self.result: Any = _UNSET
         self.error: BaseException | None = None
 
 
@@ -63,39 +70,40 @@ class WriteBatches:
         self._is_outage = is_outage
         self.max_batch = max_batch
         self._lock = threading.Lock()
+        self._queued = threading.Condition(self._lock)
         self._queue: list[_Queued[Any]] = []
-        self._writing = False
+        self._thread: threading.Thread | None = None
 
     def write(self, write: Write) -> Any:
         """Run ``write`` in a transaction shared with the other callers of the moment; return its result."""
         mine: _Queued[Any] = _Queued(write)
         with self._lock:
             self._queue.append(mine)
-            lead = not self._writing
-            self._writing = True
-        if not lead:
-            mine.done.wait()
-            if not mine.lead:
-                return _outcome(mine)
-        self._write_batches()
-        return _outcome(mine)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+                self._thread.start()
+            self._queued.notify()
+        mine.done.wait()
+        if mine.error is not None:
+            raise mine.error
+        return mine.result
 
-    def _write_batches(self) -> None:
-        """Write one batch, then hand the writing over to the first caller still waiting, if any."""
-        with self._lock:
-            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-        try:
-            self._write_batch(batch)
-        finally:
-            for queued in batch:
-                queued.done.set()
+    def _run(self) -> None:
+        while True:
             with self._lock:
-                if self._queue:
-                    following = self._queue[0]
-                    following.lead = True
-                    following.done.set()
-                else:
-                    self._writing = False
+                while not self._queue:
+                    self._queued.wait()
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            try:
+                self._write_batch(batch)
+            except BaseException as error:  # never leave a caller waiting, whatever happened
+                logger.exception("store writer failed a batch")
+                for queued in batch:
+                    if queued.error is None and queued.result is _UNSET:
+                        queued.error = error
+            finally:
+                for queued in batch:
+                    queued.done.set()
 
     def _write_batch(self, batch: list[_Queued[Any]]) -> None:
         try:
@@ -111,9 +119,3 @@ class WriteBatches:
             return
         for queued, result in zip(batch, results, strict=True):
             queued.result = result
-
-
-def _outcome(queued: _Queued[Any]) -> Any:
-    if queued.error is not None:
-        raise queued.error
-    return queued.result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -15,6 +16,10 @@ from tests.harness import wait_until
 
 class Outage(Exception):
     """What every statement of the moment would meet."""
+
+
+class Interrupted(Exception):
+    """Raised in a waiting caller's thread from outside, as Dramatiq raises its time limit."""
 
 
 class FakeTransactions:
@@ -110,3 +115,36 @@ def test_one_caller_alone_writes_at_once_in_its_own_transaction() -> None:
     assert transactions.opened == 1
     with pytest.raises(ZeroDivisionError):
         batches.write(lambda connection: 1 // 0)
+
+
+def test_a_caller_interrupted_while_it_waits_leaves_no_one_waiting_for_a_batch() -> None:
+    # Given a batch being written, with callers queued behind it
+    transactions = FakeTransactions()
+    batches = WriteBatches(transactions, is_outage=lambda error: False)
+    outcomes: dict[str, Any] = {}
+
+    def call(name: str) -> None:
+        try:
+            outcomes[name] = batches.write(lambda connection: name)
+        except BaseException as error:  # the interruption lands here
+            outcomes[name] = error
+
+    callers = {name: threading.Thread(target=call, args=(name,)) for name in ("first", "interrupted", "last")}
+    callers["first"].start()
+    assert transactions.in_transaction.wait(5)
+    callers["interrupted"].start()
+    wait_until(lambda: len(batches._queue) == 1, timeout=5, interval=0.001, what="the second caller to queue")
+    callers["last"].start()
+    wait_until(lambda: len(batches._queue) == 2, timeout=5, interval=0.001, what="the third caller to queue")
+    # When one queued caller is interrupted the way Dramatiq's time limit interrupts a worker thread
+    thread_id = callers["interrupted"].ident
+    assert thread_id is not None
+    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(Interrupted)) == 1
+    transactions.release.set()
+    for thread in callers.values():
+        thread.join(5)
+    # Then the interrupted caller got its interruption, and the callers around it got their results
+    assert isinstance(outcomes["interrupted"], Interrupted)
+    assert outcomes.get("first") == "first"
+    assert outcomes.get("last") == "last", "the caller queued behind the interrupted one was left waiting"
+    assert not any(thread.is_alive() for thread in callers.values())

@@ -81,6 +81,8 @@ class ProgressWriter:
         self.text_batch_s = min(text_batch_s, self.text_interval_s)
         """The least time between two text writes of the process (each writes every job due), in seconds."""
         self._running: set[Running] = set()
+        self._ending: set[Running] = set()
+        """Attempts that ended with text not written yet: it is written with the next texts, then they are dropped."""
         self._texts: list[tuple[float, int, Running]] = []
         """A heap of the attempts with text to write, by when it is due."""
         self._sequence = itertools.count()
@@ -105,9 +107,21 @@ class ProgressWriter:
         return running
 
     def untrack(self, running: Running) -> None:
-        """Stop writing for this attempt (it ended; its outcome is written by the runner)."""
+        """Stop writing for this attempt (it ended; its outcome is written by the runner).
+
+        Text it streamed that is not written yet is written now, with the next texts: the runner's outcome
+        write carries it too, but that one may wait behind hundreds of others when many streams end at
+        once, and the stored text must not stall meanwhile. A text write only lands while the job is still
+        processing under this attempt's lease, so it never overwrites the outcome.
+        """
         with self._lock:
             self._running.discard(running)
+            if running.chars == running.flushed_chars:
+                return
+            self._ending.add(running)
+            running.text_scheduled = True  # due now, even if it was due later (``text_interval_s``) while it ran
+            heapq.heappush(self._texts, (time.monotonic(), next(self._sequence), running))
+            self._wake.notify()
 
     def text_due(self, running: Running) -> None:
         """``running`` has new text: due now, or ``text_interval_s`` after its last write (its pieces coalesce)."""
@@ -127,36 +141,45 @@ class ProgressWriter:
             with self._lock:
                 while True:
                     now = time.monotonic()
-                    if not self._running:
+                    if not self._running and not self._texts:
                         self._wake_at = float("inf")
                         self._wake.wait()
                         next_beat = time.monotonic() + self.interval_s
                         continue
-                    texts_at = max(self._texts[0][0], texts_written_at + self.text_batch_s) if self._texts else None
-                    if now >= next_beat or (texts_at is not None and now >= texts_at):
+                    due = [next_beat] if self._running else []  # only texts of ended attempts are left otherwise
+                    if self._texts:
+                        due.append(max(self._texts[0][0], texts_written_at + self.text_batch_s))
+                    self._wake_at = min(due)
+                    if now >= self._wake_at:
                         break
-                    self._wake_at = min(next_beat, texts_at) if texts_at is not None else next_beat
                     self._wake.wait(self._wake_at - now)
                 self._wake_at = now
-                beat = now >= next_beat
+                beat = now >= next_beat and bool(self._running)
                 if beat:
                     batch = list(self._running)
+                    ending = list(self._ending)
                     self._texts.clear()
                 else:
-                    batch = []
+                    batch, ending = [], []
                     while self._texts and self._texts[0][0] <= now:
                         running = heapq.heappop(self._texts)[2]
                         if running in self._running:
                             batch.append(running)
-                for running in batch:
+                        elif running in self._ending:
+                            ending.append(running)
+                    ending = list(dict.fromkeys(ending))  # pushed twice when it ended with its text due later
+                for running in (*batch, *ending):
                     running.text_scheduled = False
+                self._ending.difference_update(ending)
             try:
                 if beat:
                     next_beat = now + self.interval_s
                     self.write(batch)
+                    if ending:
+                        self.write_texts(ending)
                 else:
                     texts_written_at = now
-                    self.write_texts(batch)
+                    self.write_texts(batch + ending)
             except Exception:
                 logger.exception("progress write failed; the next interval tries again")
 

@@ -39,6 +39,7 @@ from actors.retry_policy import JobFailed as JobFailed
 from actors.retry_policy import RetryPolicy as RetryPolicy
 from actors.stream_loop import StreamLoop
 from admission.lanes import estimate_text_tokens
+from middleware.busy_threads import BusyThreads
 from repositories.chat import ChatMessage, ChatProvider, ChatRequest, Finished, TextDelta
 from repositories.errors import AttemptTimedOut, ProviderError, StreamBroken
 from repositories.live_text import LiveText
@@ -106,8 +107,12 @@ class JobRunner:
         lanes: LaneGate | None = None,
         stream_loop: StreamLoop | None = None,
         progress_store: JobStore | None = None,
+        busy: BusyThreads | None = None,
     ) -> None:
         self.store = store
+        self.busy = busy or BusyThreads()
+        """The slots of threads running Python outside their streams (``middleware.busy_threads``): a job holds
+        one from its start (the broker's first middleware takes it) to its end, except while it streams."""
         self.stream_loop = stream_loop or StreamLoop()
         """The process's one event loop: every attempt's stream runs on it."""
         self.progress = ProgressWriter(progress_store or store, interval_s=progress_interval_s)
@@ -137,7 +142,11 @@ class JobRunner:
 
     def run_generation(self, message: GenerateMessage, delivery: Delivery) -> None:
         """Run one delivery of a generate message to its end, or raise ``Retry``/``JobFailed``."""
-        with self._riding_out_outages(message.job_id, delivery), self._watching(message.job_id) as watch:
+        with (
+            self.busy.held(),
+            self._riding_out_outages(message.job_id, delivery),
+            self._watching(message.job_id) as watch,
+        ):
             stored = message.params.model_dump(exclude_none=True)
             job = self._claim(message.job_id, message.user_id, JobKind.GENERATE, delivery, request=stored)
             if job is None:
@@ -150,7 +159,11 @@ class JobRunner:
     def run_preview(self, message: PreviewMessage, delivery: Delivery) -> None:
         """Run one delivery of a preview message: short content is kept as is, long content is summarised."""
         needs_model = len(message.content) > PREVIEW_MAX_CHARS
-        with self._riding_out_outages(message.job_id, delivery), self._watching(message.job_id) as watch:
+        with (
+            self.busy.held(),
+            self._riding_out_outages(message.job_id, delivery),
+            self._watching(message.job_id) as watch,
+        ):
             stored = {"title": message.title, "content": message.content}
             job = self._claim(
                 message.job_id, message.user_id, JobKind.PREVIEW, delivery, request=stored, count_attempt=needs_model
@@ -342,7 +355,8 @@ class JobRunner:
     ) -> None:
         """Run one attempt to its outcome and record it (which raises ``Retry``/``JobFailed`` when due)."""
         attempt = Attempt(job, delivery, answer)
-        self.recorder.record(self._outcome(attempt, request, watch, timeout_s), attempt)
+        outcome = self._outcome(attempt, request, watch, timeout_s)
+        self.recorder.record(outcome, attempt)
 
     def _outcome(self, attempt: Attempt, request: ChatRequest, watch: CancelWatch, timeout_s: float) -> Outcome:
         """Build the provider, pass the lane, stream: how the attempt ended, as one value."""
@@ -360,7 +374,10 @@ class JobRunner:
         attempt.started = time.monotonic()
         progress = self.progress.track(job.job_id, delivery.token)
         try:
-            outcome = self.stream_loop.run(self._stream(job, delivery, provider, request, watch, timeout_s, progress))
+            with self.busy.released():
+                outcome = self.stream_loop.run(
+                    self._stream(job, delivery, provider, request, watch, timeout_s, progress)
+                )
         except Exception as error:
             lane_wait = self._lane_after_failure(delivery, error, progress)
             if lane_wait is not None:

@@ -50,6 +50,7 @@ from admission.lane_gate import LaneGate
 from admission.leases import RedisLeaseStore, UserLoad
 from admission.limits import UserLimit
 from admission.user_admission import UserAdmission
+from middleware.busy_threads import BusyThreads
 from middleware.metrics import JobMetrics
 from repositories.sql_deadline import store_unavailable
 from repositories.store import Job, JobKind, JobStatus, JobStore
@@ -120,6 +121,8 @@ class JobQueue:
             settings, self.metrics, on_waiting=self._note_waiting, on_gave_up=self._give_up
         )
         self.admission: UserAdmission = user_admission(settings, self.metrics)
+        self.busy = BusyThreads()
+        """The process's slots of threads running Python outside their streams (broker middleware and runner)."""
         self.broker = build_broker(
             settings,
             admission=self.admission,
@@ -128,6 +131,7 @@ class JobQueue:
             lanes=self.lanes,
             hand_back=lambda: self.runner.hand_back_running(),
             on_malformed=self._record_malformed,
+            busy=self.busy,
         )
         self._services: Services | None = None
         self._lock = threading.Lock()
@@ -139,7 +143,9 @@ class JobQueue:
         if self._services is None:
             with self._lock:
                 if self._services is None:
-                    store, runner, signals = build_runtime(self.settings, self.retry_policy, self.metrics, self.lanes)
+                    store, runner, signals = build_runtime(
+                        self.settings, self.retry_policy, self.metrics, self.lanes, busy=self.busy
+                    )
                     self._services = Services(store=store, runner=runner, cancel_signals=signals)
         return self._services
 

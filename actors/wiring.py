@@ -36,6 +36,7 @@ from brokers.rabbitmq import RabbitmqJobBroker, rabbitmq_broker
 from brokers.waking_redis import WakingRedisBroker
 from middleware.attempts import AttemptTokens
 from middleware.bad_messages import MalformedMessages, RedactTracebacks
+from middleware.busy_threads import BusyThreads, BusyThreadsGate
 from middleware.graceful_shutdown import GracefulShutdown
 from middleware.log_format import LogFormat
 from middleware.metrics import JobMetrics
@@ -67,6 +68,7 @@ def build_broker(
     lanes: LaneGate | None = None,
     hand_back: Callable[[], object],
     on_malformed: Callable[[Any, str], None],
+    busy: BusyThreads,
 ) -> WakingRedisBroker | RabbitmqJobBroker:
     """A Redis broker with retries capped by the contract and fast recovery of a killed worker's messages, or
     with ``BROKER_URL=amqp://...`` a RabbitMQ broker with the same middleware (``brokers.rabbitmq``).
@@ -75,6 +77,8 @@ def build_broker(
     message the actor cannot take."""
     client = redis_client(settings)
     middleware: list[dramatiq.Middleware] = [
+        # First: a message's whole handling, middleware included, holds one of the process's few busy slots.
+        BusyThreadsGate(busy),
         # Before anything reads message.kwargs: a call the actor cannot take is dead-lettered, never retried.
         MalformedMessages(on_rejected=on_malformed),
         RedactTracebacks(),
@@ -247,6 +251,8 @@ def build_runtime(
     policy: RetryPolicy,
     metrics: JobMetrics | None = None,
     lanes: LaneGate | None = None,
+    *,
+    busy: BusyThreads | None = None,
 ) -> tuple[JobStore, JobRunner, CancelSignals | None]:
     """The job store (migrated when ``AUTO_MIGRATE`` is on), the job runner and the cancel signals."""
     engine = store_engine(settings)
@@ -277,6 +283,7 @@ def build_runtime(
         # The progress writer's one transaction per interval carries every running job's heartbeat: on a
         # pool of its own, it never queues behind the other threads' statements (1,000 claims at once).
         progress_store=JobStore(store_engine(settings, pool_size=1)),
+        busy=busy,
     )
     return store, runner, signals
 

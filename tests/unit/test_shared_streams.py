@@ -6,13 +6,15 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from actors.jobs import Delivery, JobRunner, RetryPolicy
 from actors.payloads import GenerateMessage
 from actors.progress import ProgressWriter
 from actors.stream_loop import StreamLoop
 from bench.sse_server import StreamingServer
-from repositories.chat import ChatMessage, ChatRequest, LoopClients, StreamEvent, close_clients
+from middleware.busy_threads import BusyThreads
+from repositories.chat import ChatMessage, ChatRequest, Finished, LoopClients, StreamEvent, close_clients
 from repositories.openrouter import OpenRouterProvider
 from repositories.scripted import ScriptedProvider, ScriptedReply
 from repositories.store import Heartbeat, JobKind, JobStatus, JobStore
@@ -27,11 +29,14 @@ class LoopRecordingProvider(ScriptedProvider):
         super().__init__([ScriptedReply(pieces=("a", "b"), delay_s=0.05)])
         self.loops: list[int] = []
         self.threads: list[int] = []
+        self.finished = 0
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         self.loops.append(id(asyncio.get_running_loop()))
         self.threads.append(threading.get_ident())
         async for event in super().stream(request):
+            if isinstance(event, Finished):
+                self.finished += 1
             yield event
 
 
@@ -73,6 +78,62 @@ def test_every_attempt_of_a_process_streams_on_one_event_loop(sqlite_store: JobS
     assert [sqlite_store.get(job_id).status for job_id in job_ids] == [JobStatus.COMPLETED] * 4  # type: ignore[union-attr]
     assert len(set(provider.loops)) == 1
     assert set(provider.threads).isdisjoint(thread.ident for thread in threads)
+
+
+class _SlowCompletions(JobStore):
+    """A job store whose completions wait for the test, counting how many run at once."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.most_inside = 0
+        self.release = threading.Event()
+
+    def complete(self, job_id: str, **fields: Any) -> bool:
+        with self.lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        self.release.wait(10)
+        try:
+            return super().complete(job_id, **fields)
+        finally:
+            with self.lock:
+                self.inside -= 1
+
+
+def test_only_a_few_threads_run_outside_their_streams_at_once_when_many_streams_end_together(
+    sqlite_store: JobStore,
+) -> None:
+    # Given a runner whose threads run outside their streams two at a time, and five jobs on five threads
+    store = _SlowCompletions(sqlite_store.engine)
+    provider = LoopRecordingProvider()
+    runner = JobRunner(
+        store=store,
+        provider_factory=lambda: provider,
+        preview_model="p",
+        retry_policy=RetryPolicy(min_backoff_ms=100, max_backoff_ms=400),
+        busy=BusyThreads(2),
+    )
+    job_ids = [unique("job") for _ in range(5)]
+    threads = [
+        threading.Thread(target=runner.run_generation, args=(_generate(job_id), Delivery(message_id=job_id, retries=0)))
+        for job_id in job_ids
+    ]
+    for thread in threads:
+        thread.start()
+    # When all five streams have ended while the first completions are still being written
+    wait_until(
+        lambda: provider.finished == 5 and store.inside == 2,
+        timeout=10,
+        what="five streams ended, two completions being written",
+    )
+    store.release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    # Then never more than two threads recorded at once (the others waited for a slot), and every job completed
+    assert store.most_inside == 2
+    assert [store.get(job_id).status for job_id in job_ids] == [JobStatus.COMPLETED] * 5  # type: ignore[union-attr]
 
 
 def test_a_keep_alive_provider_reuses_its_connection_for_the_next_stream() -> None:
@@ -191,6 +252,44 @@ def test_pieces_of_one_job_are_coalesced_over_the_interval_and_all_jobs_due_are_
     assert first == {job_id: "a" for job_id, _ in jobs}
     assert [texts for _, texts in later] == [{jobs[0][0]: "abcd"}]
     assert later[0][0] - first_at >= 0.4 - 0.01
+
+
+def test_text_an_attempt_streamed_just_before_it_ended_is_written_at_once(sqlite_store: JobStore) -> None:
+    # Given a job whose text was just written, so that its next piece is due only 30 s later
+    store = _RecordingStore(sqlite_store.engine)
+    store.text_writes = []
+    writer = ProgressWriter(store, interval_s=60, text_interval_s=30, text_batch_s=0.01)
+    job_id, owner = unique("job"), unique("owner")
+    _claimed(store, job_id, owner)
+    running = writer.track(job_id, owner)
+    running.append("first ")
+    wait_until(lambda: store.get(job_id).content == "first ", timeout=5, what="the first text")  # type: ignore[union-attr]
+    # When its last piece arrives and the attempt ends (its outcome not written yet)
+    running.append("last")
+    writer.untrack(running)
+    # Then the stored text has the last piece long before 30 s, without waiting for the outcome's write
+    wait_until(lambda: store.get(job_id).content == "first last", timeout=5, what="the last piece")  # type: ignore[union-attr]
+
+
+def test_the_last_text_of_an_ended_attempt_never_overwrites_its_outcome(sqlite_store: JobStore) -> None:
+    # Given an attempt whose outcome was written before its last streamed text
+    store = _RecordingStore(sqlite_store.engine)
+    store.text_writes = []
+    writer = ProgressWriter(store, interval_s=60, text_interval_s=30, text_batch_s=0.01)
+    job_id, owner = unique("job"), unique("owner")
+    _claimed(store, job_id, owner)
+    running = writer.track(job_id, owner)
+    running.append("first ")
+    wait_until(lambda: store.text_writes, timeout=5, what="the first text")
+    running.append("last")  # due 30 s later while the attempt runs
+    assert store.complete(job_id, owner=owner, content="answer", response={}, provider="p", model="m", usage=None)
+    # When the attempt ends and its text is written
+    writer.untrack(running)
+    wait_until(lambda: len(store.text_writes) == 2, timeout=5, what="the last text's write")
+    # Then the outcome's content is kept
+    job = store.get(job_id)
+    assert job is not None
+    assert (job.status, job.content) == (JobStatus.COMPLETED, "answer")
 
 
 def test_a_loops_clients_are_shared_one_after_another_and_spread_when_many_requests_run_at_once() -> None:

@@ -373,11 +373,13 @@ class JobRunner:
             return WaitsForLane(lane_wait)
         attempt.started = time.monotonic()
         progress = self.progress.track(job.job_id, delivery.token)
+        completed = False
         try:
             with self.busy.released():
                 outcome = self.stream_loop.run(
                     self._stream(job, delivery, provider, request, watch, timeout_s, progress)
                 )
+            completed = isinstance(outcome, Completed)
         except Exception as error:
             lane_wait = self._lane_after_failure(delivery, error, progress)
             if lane_wait is not None:
@@ -388,7 +390,7 @@ class JobRunner:
             logger.warning("attempt interrupted by %s", type(interruption).__name__, extra=attempt.log_extra)
             raise
         finally:
-            self.progress.untrack(progress)
+            self.progress.untrack(progress, completed=completed)
         self._report_lane_usage(delivery, outcome)
         return outcome
 

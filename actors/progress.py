@@ -106,17 +106,18 @@ class ProgressWriter:
                 self._wake.notify()  # it waits with no deadline while nothing runs
         return running
 
-    def untrack(self, running: Running) -> None:
+    def untrack(self, running: Running, *, completed: bool = False) -> None:
         """Stop writing for this attempt (it ended; its outcome is written by the runner).
 
-        Text it streamed that is not written yet is written now, with the next texts: the runner's outcome
-        write carries it too, but that one may wait behind hundreds of others when many streams end at
-        once, and the stored text must not stall meanwhile. A text write only lands while the job is still
-        processing under this attempt's lease, so it never overwrites the outcome.
+        When it ``completed``, text it streamed that is not written yet is written now, with the next texts:
+        the runner's outcome write carries it too, but that one may wait behind hundreds of others when many
+        streams end at once, and the stored text must not stall meanwhile. A text write only lands while the
+        job is still processing under this attempt's lease, so it never overwrites the outcome. An attempt
+        that ended otherwise (cancelled, failed, handed back) has no text worth a write of its own.
         """
         with self._lock:
             self._running.discard(running)
-            if running.chars == running.flushed_chars:
+            if not completed or running.chars == running.flushed_chars:
                 return
             self._ending.add(running)
             running.text_scheduled = True  # due now, even if it was due later (``text_interval_s``) while it ran

@@ -79,7 +79,7 @@ class _SkipMarked(dramatiq.Middleware):
 def test_the_gate_gives_every_slot_back_after_a_message_ran_failed_or_was_skipped() -> None:
     # Given a worker whose first middleware is the gate, with two slots
     busy = BusyThreads(2)
-    broker = StubBroker(middleware=[BusyThreadsGate(busy), _SkipMarked()])
+    broker = StubBroker(middleware=[BusyThreadsGate(busy, from_threads=4), _SkipMarked()])
     broker.emit_after("process_boot")
     handled: list[str] = []
 
@@ -101,5 +101,35 @@ def test_the_gate_gives_every_slot_back_after_a_message_ran_failed_or_was_skippe
         # Then each ran holding a slot, and every slot is free again
         wait_until(lambda: _free_slots(busy) == 2, timeout=5, what="every slot given back")
         assert sorted(handled) == sorted(["ok", "fail", "ok", "fail"] * 3)
+    finally:
+        worker.stop()
+
+
+def test_a_worker_of_few_threads_is_not_gated() -> None:
+    # Given a gate from 64 threads
+    busy = BusyThreads(1)
+    broker = StubBroker(middleware=[BusyThreadsGate(busy, from_threads=64)])
+    broker.emit_after("process_boot")
+    # When a worker of 8 threads boots
+    worker = dramatiq.Worker(broker, worker_threads=8, worker_timeout=50)
+    worker.start()
+    try:
+        # Then two threads can both be busy with the one slot
+        with busy.held():
+            entered = threading.Event()
+
+            def other() -> None:
+                with busy.held():
+                    entered.set()
+
+            threading.Thread(target=other).start()
+            assert entered.wait(5)
+    finally:
+        worker.stop()
+    # And a worker of 64 threads is gated again
+    worker = dramatiq.Worker(broker, worker_threads=64, worker_timeout=50)
+    worker.start()
+    try:
+        assert busy.gating
     finally:
         worker.stop()

@@ -266,7 +266,7 @@ def test_text_an_attempt_streamed_just_before_it_ended_is_written_at_once(sqlite
     wait_until(lambda: store.get(job_id).content == "first ", timeout=5, what="the first text")  # type: ignore[union-attr]
     # When its last piece arrives and the attempt ends (its outcome not written yet)
     running.append("last")
-    writer.untrack(running)
+    writer.untrack(running, completed=True)
     # Then the stored text has the last piece long before 30 s, without waiting for the outcome's write
     wait_until(lambda: store.get(job_id).content == "first last", timeout=5, what="the last piece")  # type: ignore[union-attr]
 
@@ -284,7 +284,7 @@ def test_the_last_text_of_an_ended_attempt_never_overwrites_its_outcome(sqlite_s
     running.append("last")  # due 30 s later while the attempt runs
     assert store.complete(job_id, owner=owner, content="answer", response={}, provider="p", model="m", usage=None)
     # When the attempt ends and its text is written
-    writer.untrack(running)
+    writer.untrack(running, completed=True)
     wait_until(lambda: len(store.text_writes) == 2, timeout=5, what="the last text's write")
     # Then the outcome's content is kept
     job = store.get(job_id)

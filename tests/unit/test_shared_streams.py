@@ -10,7 +10,7 @@ from typing import Any
 
 from actors.jobs import Delivery, JobRunner, RetryPolicy
 from actors.payloads import GenerateMessage
-from actors.progress import ProgressWriter
+from actors.progress import ProgressWriter, Running
 from actors.stream_loop import StreamLoop
 from bench.sse_server import StreamingServer
 from middleware.busy_threads import BusyThreads
@@ -102,12 +102,30 @@ class _SlowCompletions(JobStore):
                 self.inside -= 1
 
 
+class _StartTogetherProvider(LoopRecordingProvider):
+    """Streams that answer only once ``together`` of them have started: none ends while a job still starts."""
+
+    def __init__(self, together: int) -> None:
+        super().__init__()
+        self.together = together
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        deadline = time.monotonic() + 10
+        started = super().stream(request)
+        first = await anext(started)  # the parent notes the stream's loop as it starts
+        while len(self.loops) < self.together and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        yield first
+        async for event in started:
+            yield event
+
+
 def test_only_a_few_threads_run_outside_their_streams_at_once_when_many_streams_end_together(
     sqlite_store: JobStore,
 ) -> None:
     # Given a runner whose threads run outside their streams two at a time, and five jobs on five threads
     store = _SlowCompletions(sqlite_store.engine)
-    provider = LoopRecordingProvider()
+    provider = _StartTogetherProvider(together=5)
     runner = JobRunner(
         store=store,
         provider_factory=lambda: provider,
@@ -254,8 +272,10 @@ def test_pieces_of_one_job_are_coalesced_over_the_interval_and_all_jobs_due_are_
     assert later[0][0] - first_at >= 0.4 - 0.01
 
 
-def test_text_an_attempt_streamed_just_before_it_ended_is_written_at_once(sqlite_store: JobStore) -> None:
-    # Given a job whose text was just written, so that its next piece is due only 30 s later
+def _attempt_with_its_first_text_written(
+    sqlite_store: JobStore,
+) -> tuple[_RecordingStore, ProgressWriter, str, str, Running]:
+    """A running attempt whose first text was just written, so that its next piece is due only 30 s later."""
     store = _RecordingStore(sqlite_store.engine)
     store.text_writes = []
     writer = ProgressWriter(store, interval_s=60, text_interval_s=30, text_batch_s=0.01)
@@ -264,6 +284,12 @@ def test_text_an_attempt_streamed_just_before_it_ended_is_written_at_once(sqlite
     running = writer.track(job_id, owner)
     running.append("first ")
     wait_until(lambda: store.get(job_id).content == "first ", timeout=5, what="the first text")  # type: ignore[union-attr]
+    return store, writer, job_id, owner, running
+
+
+def test_text_an_attempt_streamed_just_before_it_ended_is_written_at_once(sqlite_store: JobStore) -> None:
+    # Given a job whose text was just written, so that its next piece is due only 30 s later
+    store, writer, job_id, _, running = _attempt_with_its_first_text_written(sqlite_store)
     # When its last piece arrives and the attempt ends (its outcome not written yet)
     running.append("last")
     writer.untrack(running, completed=True)
@@ -273,14 +299,7 @@ def test_text_an_attempt_streamed_just_before_it_ended_is_written_at_once(sqlite
 
 def test_the_last_text_of_an_ended_attempt_never_overwrites_its_outcome(sqlite_store: JobStore) -> None:
     # Given an attempt whose outcome was written before its last streamed text
-    store = _RecordingStore(sqlite_store.engine)
-    store.text_writes = []
-    writer = ProgressWriter(store, interval_s=60, text_interval_s=30, text_batch_s=0.01)
-    job_id, owner = unique("job"), unique("owner")
-    _claimed(store, job_id, owner)
-    running = writer.track(job_id, owner)
-    running.append("first ")
-    wait_until(lambda: store.text_writes, timeout=5, what="the first text")
+    store, writer, job_id, owner, running = _attempt_with_its_first_text_written(sqlite_store)
     running.append("last")  # due 30 s later while the attempt runs
     assert store.complete(job_id, owner=owner, content="answer", response={}, provider="p", model="m", usage=None)
     # When the attempt ends and its text is written

@@ -21,6 +21,21 @@ def _wait_pending_for_retry(stack: FaultStack, job_id: str) -> None:
     )
 
 
+def _wait_delayed_in_redis(stack: FaultStack, count: int) -> None:
+    """Wait until ``count`` delayed messages are stored in Redis: a retry's row is released before Dramatiq's
+    Retries middleware enqueues its delayed message, and a restart in between would test a send to a Redis
+    that is down, not a delay queue surviving a restart."""
+    client = stack.redis_server.client()
+    try:
+        wait_until(
+            lambda: sum(int(client.hlen(key)) for key in client.scan_iter("dramatiq:*.DQ.msgs")) == count,
+            timeout=20,
+            what=f"{count} delayed messages in Redis",
+        )
+    finally:
+        client.close()
+
+
 def _wait_streaming(stack: FaultStack, job_id: str) -> None:
     wait_until(
         lambda: (job := stack.store.get(job_id)) is not None and job.content != "",
@@ -40,6 +55,7 @@ def test_retries_waiting_in_a_workers_delay_queue_survive_a_redis_restart_with_a
         stack.submit(key, "u-aof")
     for key in keys:
         _wait_pending_for_retry(stack, key)
+    _wait_delayed_in_redis(stack, len(keys))
     # When Redis restarts (AOF on: it loses nothing), with no reconciler running
     stack.redis_server.restart(down_s=1.0)
     # Then the same worker process runs every retry, and each job completes with its second call

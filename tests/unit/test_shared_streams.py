@@ -55,6 +55,17 @@ def _claimed(store: JobStore, job_id: str, owner: str) -> None:
     assert store.claim(job_id, owner=owner, message_id="m", lease_s=30, user_id="u1", kind=JobKind.GENERATE)
 
 
+def _run_on_threads(runner: JobRunner, job_ids: list[str]) -> list[threading.Thread]:
+    """Start one worker thread per job, each running its generate message through ``runner``."""
+    threads = [
+        threading.Thread(target=runner.run_generation, args=(_generate(job_id), Delivery(message_id=job_id, retries=0)))
+        for job_id in job_ids
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 def test_every_attempt_of_a_process_streams_on_one_event_loop(sqlite_store: JobStore) -> None:
     # Given one runner (one worker process) and four jobs run by four worker threads at once
     provider = LoopRecordingProvider()
@@ -66,12 +77,7 @@ def test_every_attempt_of_a_process_streams_on_one_event_loop(sqlite_store: JobS
         progress_interval_s=0.05,
     )
     job_ids = [unique("job") for _ in range(4)]
-    threads = [
-        threading.Thread(target=runner.run_generation, args=(_generate(job_id), Delivery(message_id=job_id, retries=0)))
-        for job_id in job_ids
-    ]
-    for thread in threads:
-        thread.start()
+    threads = _run_on_threads(runner, job_ids)
     for thread in threads:
         thread.join(timeout=30)
     # Then every job completed, and all four streams ran on the same loop, in a thread of its own
@@ -134,12 +140,7 @@ def test_only_a_few_threads_run_outside_their_streams_at_once_when_many_streams_
         busy=BusyThreads(2),
     )
     job_ids = [unique("job") for _ in range(5)]
-    threads = [
-        threading.Thread(target=runner.run_generation, args=(_generate(job_id), Delivery(message_id=job_id, retries=0)))
-        for job_id in job_ids
-    ]
-    for thread in threads:
-        thread.start()
+    threads = _run_on_threads(runner, job_ids)
     # When all five streams have ended while the first completions are still being written
     wait_until(
         lambda: provider.finished == 5 and store.inside == 2,

@@ -67,6 +67,12 @@ def test_after_a_429_the_whole_lane_pauses_for_its_retry_after_then_one_probe_go
         quota.script_for(first, Reply.error(429, retry_after="5"))
         enqueue_generation(user_id=user, params=params(first, max_tokens=4), job_id=first)
         (limited,) = quota.wait_for_requests(1, key=first, timeout=20)
+        # (and its worker has recorded the pause: a request sent before that cannot have known of it)
+        wait_until(
+            lambda: lane_stats(the_lane(lane)).paused_until_ms > limited.received_at * 1000,
+            timeout=10,
+            what="the worker to record the lane's pause",
+        )
         # When nine more jobs of the lane are sent to both workers
         others = [unique("later") for _ in range(9)]
         for index, key in enumerate(others):

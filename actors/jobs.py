@@ -356,7 +356,11 @@ class JobRunner:
         """Run one attempt to its outcome and record it (which raises ``Retry``/``JobFailed`` when due)."""
         attempt = Attempt(job, delivery, answer)
         outcome = self._outcome(attempt, request, watch, timeout_s)
-        self.recorder.record(outcome, attempt)
+        try:
+            self.recorder.record(outcome, attempt)
+        finally:
+            if attempt.progress is not None:
+                self.progress.settled(attempt.progress)  # its text went with the outcome: no write of its own
 
     def _outcome(self, attempt: Attempt, request: ChatRequest, watch: CancelWatch, timeout_s: float) -> Outcome:
         """Build the provider, pass the lane, stream: how the attempt ended, as one value."""
@@ -372,7 +376,7 @@ class JobRunner:
         if lane_wait is not None:
             return WaitsForLane(lane_wait)
         attempt.started = time.monotonic()
-        progress = self.progress.track(job.job_id, delivery.token)
+        progress = attempt.progress = self.progress.track(job.job_id, delivery.token)
         completed = False
         try:
             with self.busy.released():

@@ -25,6 +25,7 @@ from repositories.store import Job, JobStore, utcnow
 
 if TYPE_CHECKING:
     from actors.jobs import Delivery
+    from actors.progress import Running
     from admission.lane_gate import LaneWait
 
 # The runner's log lines keep their logger name.
@@ -117,6 +118,8 @@ class Attempt:
     """The provider's name once it was built; None when it could not be."""
     started: float | None = None
     """``time.monotonic()`` when the request went out; None when none did."""
+    progress: Running | None = None
+    """Its progress writing while it streams; None when no request went out."""
     log_extra: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -9,6 +9,10 @@ transaction each:
   pieces are coalesced), and at most every ``text_batch_s`` for the process (all jobs with text due are
   written together, ``JobStore.write_texts``). A job whose text arrives once a second has it stored
   within ``text_batch_s``, not up to ``interval_s`` later: the stored text grows as evenly as it streams.
+  An attempt's first text waits ``first_text_after_s`` (0.25 s), and a completed attempt's last text
+  ``ended_grace_s`` (0.25 s) for its outcome's write, which carries the same text: an instant answer is
+  stored in one write, not two, and a slow outcome write (a thousand streams ending at once) does not
+  stall the stored text.
 
 At 1,000 concurrent streams that is a few statements per interval instead of 1,000 transactions, and no
 SQL ever runs on the event loop that reads the streams.
@@ -47,6 +51,8 @@ class Running:
     """The writer that stores it (set by ``ProgressWriter.track``): told when new text is due."""
     text_written_at: float = 0.0
     """When (monotonic) its text was last written."""
+    first_text_at: float = 0.0
+    """When (monotonic) its first text may be written at the earliest."""
     text_scheduled: bool = False
 
     @property
@@ -72,6 +78,8 @@ class ProgressWriter:
         interval_s: float = 0.5,
         text_interval_s: float | None = None,
         text_batch_s: float = 0.02,
+        first_text_after_s: float = 0.25,
+        ended_grace_s: float = 0.25,
     ) -> None:
         self.store = store
         self.interval_s = interval_s
@@ -80,9 +88,14 @@ class ProgressWriter:
         """The least time between two text writes of one job (its pieces coalesce meanwhile), in seconds."""
         self.text_batch_s = min(text_batch_s, self.text_interval_s)
         """The least time between two text writes of the process (each writes every job due), in seconds."""
+        self.first_text_after_s = first_text_after_s
+        """How long after an attempt starts its first text may be written: an instant answer (most previews, short
+        generations) then ends before it, and its text is stored with its outcome alone, in one write, not two."""
+        self.ended_grace_s = ended_grace_s
+        """How long a completed attempt's unwritten text waits for its outcome's write before it is written alone."""
         self._running: set[Running] = set()
-        self._ending: set[Running] = set()
-        """Attempts that ended with text not written yet: it is written with the next texts, then they are dropped."""
+        self._ending: dict[Running, float] = {}
+        """Completed attempts with text not written yet, and when it is due (``settled`` drops one: no write)."""
         self._texts: list[tuple[float, int, Running]] = []
         """A heap of the attempts with text to write, by when it is due."""
         self._sequence = itertools.count()
@@ -95,7 +108,7 @@ class ProgressWriter:
 
     def track(self, job_id: str, owner: str) -> Running:
         """Start writing the progress and heartbeat of this attempt."""
-        running = Running(job_id, owner, writer=self)
+        running = Running(job_id, owner, writer=self, first_text_at=time.monotonic() + self.first_text_after_s)
         with self._lock:
             first = not self._running
             self._running.add(running)
@@ -109,20 +122,29 @@ class ProgressWriter:
     def untrack(self, running: Running, *, completed: bool = False) -> None:
         """Stop writing for this attempt (it ended; its outcome is written by the runner).
 
-        When it ``completed``, text it streamed that is not written yet is written now, with the next texts:
-        the runner's outcome write carries it too, but that one may wait behind hundreds of others when many
-        streams end at once, and the stored text must not stall meanwhile. A text write only lands while the
-        job is still processing under this attempt's lease, so it never overwrites the outcome. An attempt
-        that ended otherwise (cancelled, failed, handed back) has no text worth a write of its own.
+        When it ``completed``, text it streamed that is not written yet is written ``ended_grace_s`` later,
+        with the texts due then, unless the runner's outcome write (which carries the same text) landed first
+        and ``settled`` said so. That write may wait behind hundreds of others when many streams end at once,
+        and the stored text must not stall meanwhile; when it is quick, as it is at low load, no write is added.
+        A text write only lands while the job is still processing under this attempt's lease, so it never
+        overwrites the outcome. An attempt that ended otherwise (cancelled, failed, handed back) has no text
+        worth a write of its own.
         """
         with self._lock:
             self._running.discard(running)
             if not completed or running.chars == running.flushed_chars:
                 return
-            self._ending.add(running)
-            running.text_scheduled = True  # due now, even if it was due later (``text_interval_s``) while it ran
-            heapq.heappush(self._texts, (time.monotonic(), next(self._sequence), running))
-            self._wake.notify()
+            due = time.monotonic() + self.ended_grace_s  # even if it was due later (``text_interval_s``) while it ran
+            self._ending[running] = due
+            running.text_scheduled = True
+            heapq.heappush(self._texts, (due, next(self._sequence), running))
+            if due < self._wake_at:
+                self._wake.notify()
+
+    def settled(self, running: Running) -> None:
+        """The outcome of this ended attempt is written (or will never be by it): its text needs no write of its own."""
+        with self._lock:
+            self._ending.pop(running, None)
 
     def text_due(self, running: Running) -> None:
         """``running`` has new text: due now, or ``text_interval_s`` after its last write (its pieces coalesce)."""
@@ -130,7 +152,7 @@ class ProgressWriter:
             if running.text_scheduled or running not in self._running:
                 return
             running.text_scheduled = True
-            due = max(time.monotonic(), running.text_written_at + self.text_interval_s)
+            due = max(time.monotonic(), running.text_written_at + self.text_interval_s, running.first_text_at)
             heapq.heappush(self._texts, (due, next(self._sequence), running))
             if due < self._wake_at:
                 self._wake.notify()
@@ -158,20 +180,23 @@ class ProgressWriter:
                 beat = now >= next_beat and bool(self._running)
                 if beat:
                     batch = list(self._running)
-                    ending = list(self._ending)
-                    self._texts.clear()
+                    ending = [running for running, due in self._ending.items() if due <= now]
+                    # What stays due: ended attempts still in their grace (running ones are all written now).
+                    self._texts = [entry for entry in self._texts if self._ending.get(entry[2], now) > now]
+                    heapq.heapify(self._texts)
                 else:
                     batch, ending = [], []
                     while self._texts and self._texts[0][0] <= now:
                         running = heapq.heappop(self._texts)[2]
                         if running in self._running:
                             batch.append(running)
-                        elif running in self._ending:
+                        elif self._ending.get(running, float("inf")) <= now:
                             ending.append(running)
                     ending = list(dict.fromkeys(ending))  # pushed twice when it ended with its text due later
                 for running in (*batch, *ending):
                     running.text_scheduled = False
-                self._ending.difference_update(ending)
+                for running in ending:
+                    del self._ending[running]
             try:
                 if beat:
                     next_beat = now + self.interval_s

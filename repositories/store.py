@@ -492,11 +492,31 @@ class JobStore:
         writer at a time then commits once for many. PostgreSQL runs them side by side on the pool's connections
         (a batch there would hold every row it wrote until its last statement, against the progress writer's)."""
 
+        self._autocommit = (
+            engine if engine.dialect.name == "sqlite" else engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
+        """On PostgreSQL, the engine whose connections run each statement as its own transaction: one round trip
+        for a statement alone, where ``BEGIN``, the statement and ``COMMIT`` take three (psycopg sends each)."""
+
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Connection]:
         """A write transaction; on SQLite, one at a time per engine (see ``_sqlite_write_lock``)."""
         with self._write_lock, self.engine.begin() as connection:
             yield connection
+
+    @contextlib.contextmanager
+    def _one_write(self) -> Iterator[Connection]:
+        """A connection for one write statement, atomic alone: on PostgreSQL in autocommit, on SQLite ``_writing``."""
+        if self._autocommit is self.engine:
+            with self._writing() as connection:
+                yield connection
+        else:
+            with self._autocommit.connect() as connection:
+                yield connection
+
+    def _reading(self) -> Connection:
+        """A connection for reads of one statement each (on PostgreSQL in autocommit: no ``BEGIN``/``ROLLBACK``)."""
+        return self._autocommit.connect()
 
     # -- creation -------------------------------------------------------------------------------
 
@@ -514,7 +534,7 @@ class JobStore:
 
         ``enqueued`` says its message is already in the broker (a worker creating the row of a message).
         """
-        with self._writing() as connection:
+        with self._one_write() as connection:
             return self._insert_pending(connection, job_id, user_id, kind, request, now or utcnow(), enqueued=enqueued)
 
     @contextlib.contextmanager
@@ -559,7 +579,7 @@ class JobStore:
 
     def mark_enqueued(self, job_id: str) -> None:
         """Record that the job's message reached the broker."""
-        with self._writing() as connection:
+        with self._one_write() as connection:
             connection.execute(update(JobRow).where(JobRow.job_id == job_id).values(enqueued_at=utcnow()))
 
     def unsent_before(self, cutoff: datetime, *, limit: int = 100) -> list[Job]:
@@ -570,14 +590,14 @@ class JobStore:
             .order_by(JobRow.created_at)
             .limit(limit)
         )
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             return [Job.from_row(row) for row in connection.execute(query).all()]
 
     # -- reads ----------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             row = connection.execute(self._sql.get, {"p_job_id": job_id}).first()
         return None if row is None else Job.from_row(row)
 
@@ -591,13 +611,13 @@ class JobStore:
         wanted = [str(status) for status in statuses]
         if wanted:
             query = query.where(JobRow.status.in_(wanted))
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             rows = connection.execute(query).all()
         return [Job.from_row(row) for row in rows]
 
     def count_by_status(self) -> dict[JobStatus, int]:
         """How many jobs are in each status."""
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             rows = connection.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
         return {JobStatus(status): count for status, count in rows}
 
@@ -609,7 +629,7 @@ class JobStore:
             .order_by(JobRow.created_at)
             .limit(1)
         )
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             row = connection.execute(query).first()
         return None if row is None else (row.job_id, row.user_id, row.created_at)
 
@@ -620,7 +640,7 @@ class JobStore:
             .select_from(JobRow)
             .where(JobRow.status.in_([str(s) for s in FINAL_STATUSES]), JobRow.updated_at < cutoff)
         )
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             return int(connection.execute(query).scalar_one())
 
     # -- status changes -------------------------------------------------------------------------
@@ -638,7 +658,7 @@ class JobStore:
             .where(JobRow.job_id == job_id, JobRow.status.in_([str(s) for s in sources_of(target)]), *conditions)
             .values(values)
         )
-        with self._writing() as connection:
+        with self._one_write() as connection:
             changed = connection.execute(statement).rowcount == 1
         if changed:
             logger.debug("job moved to %s", target, extra={"job_id": job_id, "status": str(target)})
@@ -674,7 +694,7 @@ class JobStore:
             "p_kind": None if kind is None else str(kind),
         }
         if self._batches is None:
-            with self._writing() as connection:
+            with self._one_write() as connection:
                 row = connection.execute(statement, params).first()
         else:
             row = self._batches.write(lambda connection: connection.execute(statement, params).first())
@@ -684,7 +704,7 @@ class JobStore:
         """Refresh the lease and, when given, the partial text; False once the job is no longer ours."""
         statement = self._sql.heartbeat if content is None else self._sql.heartbeat_with_text
         params = {"p_job_id": job_id, "p_owner": owner, "p_now": utcnow(), "p_content": content}
-        with self._writing() as connection:
+        with self._one_write() as connection:
             return bool(connection.execute(statement, params).rowcount == 1)
 
     def heartbeat_many(self, beats: Sequence[Heartbeat]) -> set[str]:
@@ -763,7 +783,7 @@ class JobStore:
     def _changed(self, statement: Any, params: dict[str, Any], target: JobStatus) -> bool:
         """Run a prebuilt compare-and-set to ``target`` (with other threads' writes); True when it changed the row."""
         if self._batches is None:
-            with self._writing() as connection:
+            with self._one_write() as connection:
                 changed = connection.execute(statement, params).rowcount == 1
         else:
             changed = self._batches.write(lambda connection: connection.execute(statement, params).rowcount == 1)
@@ -799,7 +819,7 @@ class JobStore:
             .where(JobRow.job_id == job_id, JobRow.status == JobStatus.PENDING)
             .values(error=redact(note), updated_at=utcnow())
         )
-        with self._writing() as connection:
+        with self._one_write() as connection:
             return connection.execute(statement).rowcount == 1
 
     def cancel(self, job_id: str, *, user_id: str) -> bool:
@@ -808,7 +828,7 @@ class JobStore:
 
     def keep_partial(self, job_id: str, *, owner: str, content: str) -> None:
         """Save the text streamed before a cancel took effect, without touching the status."""
-        with self._writing() as connection:
+        with self._one_write() as connection:
             connection.execute(
                 update(JobRow)
                 .where(
@@ -842,7 +862,7 @@ class JobStore:
             .order_by(JobRow.updated_at)
             .limit(limit)
         )
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             return [Job.from_row(row) for row in connection.execute(query).all()]
 
     def take_for_resend(self, job: Job, *, note: str) -> bool:
@@ -888,7 +908,7 @@ class JobStore:
             )
         else:
             return False
-        with self._writing() as connection:
+        with self._one_write() as connection:
             return connection.execute(statement).rowcount == 1
 
     def count_stale_processing(self, stale_before: datetime) -> int:
@@ -901,7 +921,7 @@ class JobStore:
                 or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before),
             )
         )
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             return int(connection.execute(query).scalar_one())
 
     # -- retention ------------------------------------------------------------------------------
@@ -914,7 +934,7 @@ class JobStore:
             .order_by(JobRow.updated_at)
             .limit(limit)
         )
-        with self.engine.connect() as connection:
+        with self._reading() as connection:
             return list(connection.execute(query).scalars())
 
     def delete_finished_before(self, cutoff: datetime, *, batch_size: int = 1000) -> int:
@@ -924,7 +944,7 @@ class JobStore:
             ids = self.finished_before(cutoff, limit=batch_size)
             if not ids:
                 return total
-            with self._writing() as connection:
+            with self._one_write() as connection:
                 total += connection.execute(
                     delete(JobRow).where(JobRow.job_id.in_(ids), JobRow.status.in_([str(s) for s in FINAL_STATUSES]))
                 ).rowcount

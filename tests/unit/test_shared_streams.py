@@ -248,7 +248,7 @@ def test_pieces_of_one_job_are_coalesced_over_the_interval_and_all_jobs_due_are_
     # Given a progress writer writing each job's text at most every 0.4 s (heartbeats a minute apart), three jobs
     store = _RecordingStore(sqlite_store.engine)
     store.text_writes = []
-    writer = ProgressWriter(store, interval_s=60, text_interval_s=0.4, text_batch_s=0.05)
+    writer = ProgressWriter(store, interval_s=60, text_interval_s=0.4, text_batch_s=0.05, first_text_after_s=0)
     jobs = [(unique("job"), unique("owner")) for _ in range(3)]
     for job_id, owner in jobs:
         _claimed(store, job_id, owner)
@@ -273,6 +273,32 @@ def test_pieces_of_one_job_are_coalesced_over_the_interval_and_all_jobs_due_are_
     assert later[0][0] - first_at >= 0.4 - 0.01
 
 
+def test_the_first_text_of_an_attempt_waits_a_moment_so_an_instant_answer_is_stored_with_its_outcome_alone(
+    sqlite_store: JobStore,
+) -> None:
+    # Given an attempt whose first text is held for a minute, that has streamed a piece
+    store = _RecordingStore(sqlite_store.engine)
+    store.text_writes = []
+    writer = ProgressWriter(store, interval_s=600, text_batch_s=0.01, first_text_after_s=60)
+    held_job, held_owner = unique("job"), unique("owner")
+    _claimed(store, held_job, held_owner)
+    held = writer.track(held_job, held_owner)
+    held.append("instant answer")
+    # When an attempt started later with no hold streams a piece, and that piece is written
+    writer.first_text_after_s = 0
+    other_job, other_owner = unique("job"), unique("owner")
+    _claimed(store, other_job, other_owner)
+    writer.track(other_job, other_owner).append("other")
+    wait_until(lambda: store.get(other_job).content == "other", timeout=5, what="the other attempt's text")  # type: ignore[union-attr]
+    # Then the held attempt's piece was not written meanwhile: it ends before its hold, stored with its outcome
+    assert [texts for _, texts in store.text_writes] == [{other_job: "other"}]
+    writer.untrack(held, completed=True)
+    assert store.complete(
+        held_job, owner=held_owner, content="instant answer", response={}, provider="p", model="m", usage=None
+    )
+    writer.settled(held)
+
+
 def _attempt_with_its_first_text_written(
     sqlite_store: JobStore,
 ) -> tuple[_RecordingStore, ProgressWriter, str, str, Running]:
@@ -288,14 +314,36 @@ def _attempt_with_its_first_text_written(
     return store, writer, job_id, owner, running
 
 
-def test_text_an_attempt_streamed_just_before_it_ended_is_written_at_once(sqlite_store: JobStore) -> None:
+def test_text_an_attempt_streamed_just_before_it_ended_is_written_soon_when_its_outcome_is_slow(
+    sqlite_store: JobStore,
+) -> None:
     # Given a job whose text was just written, so that its next piece is due only 30 s later
     store, writer, job_id, _, running = _attempt_with_its_first_text_written(sqlite_store)
-    # When its last piece arrives and the attempt ends (its outcome not written yet)
+    # When its last piece arrives and the attempt completes, its outcome not written yet
     running.append("last")
     writer.untrack(running, completed=True)
     # Then the stored text has the last piece long before 30 s, without waiting for the outcome's write
     wait_until(lambda: store.get(job_id).content == "first last", timeout=5, what="the last piece")  # type: ignore[union-attr]
+
+
+def test_an_ended_attempt_whose_outcome_was_written_in_time_gets_no_text_write_of_its_own(
+    sqlite_store: JobStore,
+) -> None:
+    # Given an attempt that completed with a piece not written yet, and whose outcome was written at once
+    store, writer, job_id, owner, running = _attempt_with_its_first_text_written(sqlite_store)
+    running.append("last")
+    writer.untrack(running, completed=True)
+    assert store.complete(job_id, owner=owner, content="first last", response={}, provider="p", model="m", usage=None)
+    writer.settled(running)
+    # When another attempt completes after it, whose outcome is slow
+    later_job, later_owner = unique("job"), unique("owner")
+    _claimed(store, later_job, later_owner)
+    later = writer.track(later_job, later_owner)
+    later.append("late")
+    writer.untrack(later, completed=True)
+    wait_until(lambda: store.get(later_job).content == "late", timeout=5, what="the later attempt's text")  # type: ignore[union-attr]
+    # Then only the later attempt's text was written: the first one's went with its outcome alone
+    assert [texts for _, texts in store.text_writes] == [{job_id: "first "}, {later_job: "late"}]
 
 
 def test_the_last_text_of_an_ended_attempt_never_overwrites_its_outcome(sqlite_store: JobStore) -> None:

@@ -48,6 +48,8 @@ class StreamingServer:
         self.chunks = chunks
         self.chunk_delay_s = chunk_delay_s
         self.received: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        """When the last byte of each keyed request's stream was written (``time.time()``)."""
         self.requests = 0
         self.connections = 0
         """TCP connections accepted: fewer than ``requests`` when clients keep them alive."""
@@ -150,6 +152,8 @@ class StreamingServer:
             writer.write(_frame(final) + _frame({"model": "bench", "choices": [], "usage": usage}) + _frame("[DONE]"))
             writer.write(b"0\r\n\r\n")
             await writer.drain()
+            if match is not None:
+                self.ended.setdefault(match.group(1), time.time())
         finally:
             self.open_streams -= 1
         self.completed += 1
@@ -229,6 +233,12 @@ class ProcessStreamingServer:
         return received
 
     @property
+    def ended(self) -> dict[str, float]:
+        """When each keyed request's stream was sent to its end (see ``StreamingServer``)."""
+        ended: dict[str, float] = self._stats()["ended"]
+        return ended
+
+    @property
     def requests(self) -> int:
         """Requests served."""
         return int(self._stats()["requests"])
@@ -263,6 +273,7 @@ def _serve_in_process(control: Connection, chunks: int, chunk_delay_s: float) ->
             control.send(
                 {
                     "received": dict(server.received),
+                    "ended": dict(server.ended),
                     "requests": server.requests,
                     "connections": server.connections,
                     "completed": server.completed,

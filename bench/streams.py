@@ -59,6 +59,40 @@ class RunFigures:
     passed: int = 0
     longest_gaps_s: list[float] = field(default_factory=list)
     peak_open_streams: int = 0
+    phases: Phases | None = None
+
+
+@dataclass
+class Phases:
+    """Where the makespan went, in seconds after the first send (see ``Phases.of``)."""
+
+    sends_done: float
+    last_request: float
+    stream_p50: float
+    stream_max: float
+    end_to_done_p50: float
+    end_to_done_max: float
+
+    @classmethod
+    def of(
+        cls, started: float, sent: float, received: dict[str, float], ended: dict[str, float], done: dict[str, float]
+    ) -> Phases | None:
+        """From the bench's clock (first send, last send), the server's (request in, stream out, per key) and
+        the job's end (per key): the last send, the last request to reach the server, how long the server took
+        to send each stream, and how long after its stream's end each job was done."""
+        keys = [key for key in ended if key in received and key in done]
+        if not keys:
+            return None
+        streams = sorted(ended[key] - received[key] for key in keys)
+        lags = sorted(done[key] - ended[key] for key in keys)
+        return cls(
+            sends_done=sent - started,
+            last_request=max(received.values()) - started,
+            stream_p50=statistics.median(streams),
+            stream_max=streams[-1],
+            end_to_done_p50=statistics.median(lags),
+            end_to_done_max=lags[-1],
+        )
 
 
 def _flush(redis_url: str) -> None:
@@ -163,6 +197,7 @@ def run_project(
             for index, job_id in enumerate(job_ids):
                 params = {"model": "bench", "messages": [{"role": "user", "content": f"go [[{job_id}]]"}]}
                 enqueue_generation(user_id=f"u{index}-{run}", params=params, job_id=job_id)
+            sent = time.time()
             from sqlalchemy import func, select
 
             finals = [str(status) for status in FINAL_STATUSES]
@@ -178,9 +213,10 @@ def run_project(
             meter.stop()
             worker.stop()
         with store.engine.connect() as connection:
-            rows = connection.execute(select(JobRow.status, JobRow.finished_at)).all()
-        peak_open = server.peak_open_streams
-    completed = [finished for status, finished in rows if status == str(JobStatus.COMPLETED) and finished]
+            rows = connection.execute(select(JobRow.job_id, JobRow.status, JobRow.finished_at)).all()
+        peak_open, received, ended = server.peak_open_streams, server.received, server.ended
+    completed = [finished for _, status, finished in rows if status == str(JobStatus.COMPLETED) and finished]
+    done = {job_id: finished.timestamp() for job_id, _, finished in rows if finished}
     makespan = max(finished.timestamp() for finished in completed) - started if completed else float("nan")
     gaps = sampler.longest_gaps()
     store.engine.dispose()
@@ -197,6 +233,7 @@ def run_project(
         passed=sum(1 for gap in gaps if gap <= delay_s + SAMPLE_INTERVAL_S + SAMPLE_INTERVAL_S / 2),
         longest_gaps_s=gaps,
         peak_open_streams=peak_open,
+        phases=Phases.of(started, sent, received, ended, done),
     )
 
 
@@ -222,6 +259,7 @@ def run_bare(*, jobs: int, threads: int, chunks: int, delay_s: float, workdir: P
         try:
             for index in range(jobs):
                 send_bare(sender, "bare_stream_async", f"b{index}", server.base_url)
+            sent = time.time()
             wait_until(
                 lambda: client.hlen(DONE_KEY) >= jobs,
                 timeout=chunks * delay_s * 6 + 120,
@@ -231,8 +269,12 @@ def run_bare(*, jobs: int, threads: int, chunks: int, delay_s: float, workdir: P
         finally:
             meter.stop()
             worker.stop()
-        peak_open = server.peak_open_streams
-    done = [float(value) for value in client.hvals(DONE_KEY)]
+        peak_open, received, ended = server.peak_open_streams, server.received, server.ended
+    done_at = {
+        key.decode() if isinstance(key, bytes) else str(key): float(value)
+        for key, value in client.hgetall(DONE_KEY).items()
+    }
+    done = list(done_at.values())
     client.close()
     sender.close()
     _flush(BENCH_REDIS_URL)
@@ -245,6 +287,7 @@ def run_bare(*, jobs: int, threads: int, chunks: int, delay_s: float, workdir: P
         cores=meter.cores,
         peak_rss=meter.peak_rss,
         peak_open_streams=peak_open,
+        phases=Phases.of(started, sent, received, ended, done_at),
     )
 
 
@@ -285,6 +328,17 @@ def print_table(results: list[RunFigures], *, chunks: int, delay_s: float, threa
         ],
     )
     row("makespan / ideal", [f"{r.makespan_s / r.ideal_s:.3f} ({r.makespan_s:.1f} s)" for r in results])
+    row(
+        "where it went (s): last send / last request in / stream at the server p50, max / job done after its stream"
+        " p50, max",
+        [
+            f"{p.sends_done:.1f} / {p.last_request:.1f} / {p.stream_p50:.1f}, {p.stream_max:.1f} / "
+            f"{p.end_to_done_p50:.2f}, {p.end_to_done_max:.2f}"
+            if (p := r.phases) is not None
+            else "n/a"
+            for r in results
+        ],
+    )
     row("CPU (cores)", [f"{r.cores:.2f}" for r in results])
     row("peak RSS of the worker tree (MiB)", [f"{r.peak_rss / MIB:.0f}" for r in results])
     row("streams open at once at the server, peak", [str(r.peak_open_streams) for r in results])

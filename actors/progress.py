@@ -9,10 +9,10 @@ transaction each:
   pieces are coalesced), and at most every ``text_batch_s`` for the process (all jobs with text due are
   written together, ``JobStore.write_texts``). A job whose text arrives once a second has it stored
   within ``text_batch_s``, not up to ``interval_s`` later: the stored text grows as evenly as it streams.
-  An attempt's first text waits ``first_text_after_s`` (0.25 s), and a completed attempt's last text
-  ``ended_grace_s`` (0.25 s) for its outcome's write, which carries the same text: an instant answer is
-  stored in one write, not two, and a slow outcome write (a thousand streams ending at once) does not
-  stall the stored text.
+  An attempt's first text waits ``first_text_after_s`` (0.25 s). A completed attempt's last text is
+  still written when it falls due, unless the runner's outcome write (which carries the same text) came
+  first: an instant answer is stored in one write, not two, and a slow outcome write (a thousand streams
+  ending at once) does not stall the stored text.
 
 At 1,000 concurrent streams that is a few statements per interval instead of 1,000 transactions, and no
 SQL ever runs on the event loop that reads the streams.
@@ -79,7 +79,6 @@ class ProgressWriter:
         text_interval_s: float | None = None,
         text_batch_s: float = 0.02,
         first_text_after_s: float = 0.25,
-        ended_grace_s: float = 0.25,
     ) -> None:
         self.store = store
         self.interval_s = interval_s
@@ -91,8 +90,6 @@ class ProgressWriter:
         self.first_text_after_s = first_text_after_s
         """How long after an attempt starts its first text may be written: an instant answer (most previews, short
         generations) then ends before it, and its text is stored with its outcome alone, in one write, not two."""
-        self.ended_grace_s = ended_grace_s
-        """How long a completed attempt's unwritten text waits for its outcome's write before it is written alone."""
         self._running: set[Running] = set()
         self._ending: dict[Running, float] = {}
         """Completed attempts with text not written yet, and when it is due (``settled`` drops one: no write)."""
@@ -122,10 +119,11 @@ class ProgressWriter:
     def untrack(self, running: Running, *, completed: bool = False) -> None:
         """Stop writing for this attempt (it ended; its outcome is written by the runner).
 
-        When it ``completed``, text it streamed that is not written yet is written ``ended_grace_s`` later,
-        with the texts due then, unless the runner's outcome write (which carries the same text) landed first
-        and ``settled`` said so. That write may wait behind hundreds of others when many streams end at once,
-        and the stored text must not stall meanwhile; when it is quick, as it is at low load, no write is added.
+        When it ``completed``, text it streamed that is not written yet is still written when it falls due, as
+        if the attempt were running (``text_interval_s`` after its last write, not before ``first_text_after_s``),
+        unless the runner's outcome write, which carries the same text, landed first and ``settled`` said so.
+        That write may wait behind hundreds of others when many streams end at once, and the stored text must
+        not stall meanwhile; an instant answer's outcome comes first, and no write is added for it.
         A text write only lands while the job is still processing under this attempt's lease, so it never
         overwrites the outcome. An attempt that ended otherwise (cancelled, failed, handed back) has no text
         worth a write of its own.
@@ -134,7 +132,7 @@ class ProgressWriter:
             self._running.discard(running)
             if not completed or running.chars == running.flushed_chars:
                 return
-            due = time.monotonic() + self.ended_grace_s  # even if it was due later (``text_interval_s``) while it ran
+            due = self._due(running)
             self._ending[running] = due
             running.text_scheduled = True
             heapq.heappush(self._texts, (due, next(self._sequence), running))
@@ -152,10 +150,15 @@ class ProgressWriter:
             if running.text_scheduled or running not in self._running:
                 return
             running.text_scheduled = True
-            due = max(time.monotonic(), running.text_written_at + self.text_interval_s, running.first_text_at)
+            due = self._due(running)
             heapq.heappush(self._texts, (due, next(self._sequence), running))
             if due < self._wake_at:
                 self._wake.notify()
+
+    def _due(self, running: Running) -> float:
+        """When the attempt's new text may be written: not before its first text may, nor within ``text_interval_s``
+        of its last write."""
+        return max(time.monotonic(), running.text_written_at + self.text_interval_s, running.first_text_at)
 
     def _run(self) -> None:
         next_beat = time.monotonic() + self.interval_s
@@ -181,7 +184,7 @@ class ProgressWriter:
                 if beat:
                     batch = list(self._running)
                     ending = [running for running, due in self._ending.items() if due <= now]
-                    # What stays due: ended attempts still in their grace (running ones are all written now).
+                    # What stays due: ended attempts not due yet (running ones are all written now).
                     self._texts = [entry for entry in self._texts if self._ending.get(entry[2], now) > now]
                     heapq.heapify(self._texts)
                 else:

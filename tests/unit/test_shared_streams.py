@@ -300,12 +300,14 @@ def test_the_first_text_of_an_attempt_waits_a_moment_so_an_instant_answer_is_sto
 
 
 def _attempt_with_its_first_text_written(
-    sqlite_store: JobStore,
+    sqlite_store: JobStore, *, text_interval_s: float
 ) -> tuple[_RecordingStore, ProgressWriter, str, str, Running]:
-    """A running attempt whose first text was just written, so that its next piece is due only 30 s later."""
+    """A running attempt whose first text was just written, so that its next piece is due ``text_interval_s`` later."""
     store = _RecordingStore(sqlite_store.engine)
     store.text_writes = []
-    writer = ProgressWriter(store, interval_s=60, text_interval_s=30, text_batch_s=0.01)
+    writer = ProgressWriter(
+        store, interval_s=600, text_interval_s=text_interval_s, text_batch_s=0.01, first_text_after_s=0
+    )
     job_id, owner = unique("job"), unique("owner")
     _claimed(store, job_id, owner)
     running = writer.track(job_id, owner)
@@ -314,42 +316,44 @@ def _attempt_with_its_first_text_written(
     return store, writer, job_id, owner, running
 
 
-def test_text_an_attempt_streamed_just_before_it_ended_is_written_soon_when_its_outcome_is_slow(
+def test_text_an_attempt_streamed_just_before_it_ended_is_written_when_due_though_its_outcome_is_slow(
     sqlite_store: JobStore,
 ) -> None:
-    # Given a job whose text was just written, so that its next piece is due only 30 s later
-    store, writer, job_id, _, running = _attempt_with_its_first_text_written(sqlite_store)
-    # When its last piece arrives and the attempt completes, its outcome not written yet
+    # Given a job whose text was just written, so that its next piece is due 0.3 s later
+    store, writer, job_id, _, running = _attempt_with_its_first_text_written(sqlite_store, text_interval_s=0.3)
+    # When its last piece arrives and the attempt completes, its outcome never written
     running.append("last")
     writer.untrack(running, completed=True)
-    # Then the stored text has the last piece long before 30 s, without waiting for the outcome's write
+    # Then the stored text gets the last piece all the same, when it falls due
     wait_until(lambda: store.get(job_id).content == "first last", timeout=5, what="the last piece")  # type: ignore[union-attr]
+    (first_at, _), (last_at, _) = store.text_writes
+    assert last_at - first_at >= 0.3 - 0.01
 
 
 def test_an_ended_attempt_whose_outcome_was_written_in_time_gets_no_text_write_of_its_own(
     sqlite_store: JobStore,
 ) -> None:
-    # Given an attempt that completed with a piece not written yet, and whose outcome was written at once
-    store, writer, job_id, owner, running = _attempt_with_its_first_text_written(sqlite_store)
+    # Given an attempt that completed with a piece due 0.3 s after its last write, whose outcome was written at once
+    store, writer, job_id, owner, running = _attempt_with_its_first_text_written(sqlite_store, text_interval_s=0.3)
     running.append("last")
     writer.untrack(running, completed=True)
     assert store.complete(job_id, owner=owner, content="first last", response={}, provider="p", model="m", usage=None)
     writer.settled(running)
-    # When another attempt completes after it, whose outcome is slow
+    # When another attempt, started after it with its first text held for 1 s, streams a piece that is written
+    writer.first_text_after_s = 1.0
     later_job, later_owner = unique("job"), unique("owner")
     _claimed(store, later_job, later_owner)
     later = writer.track(later_job, later_owner)
     later.append("late")
-    writer.untrack(later, completed=True)
     wait_until(lambda: store.get(later_job).content == "late", timeout=5, what="the later attempt's text")  # type: ignore[union-attr]
-    # Then only the later attempt's text was written: the first one's went with its outcome alone
+    # Then the first attempt's last piece, due before it, was never written alone: it went with the outcome
     assert [texts for _, texts in store.text_writes] == [{job_id: "first "}, {later_job: "late"}]
 
 
 def test_the_last_text_of_an_ended_attempt_never_overwrites_its_outcome(sqlite_store: JobStore) -> None:
     # Given an attempt whose outcome was written before its last streamed text
-    store, writer, job_id, owner, running = _attempt_with_its_first_text_written(sqlite_store)
-    running.append("last")  # due 30 s later while the attempt runs
+    store, writer, job_id, owner, running = _attempt_with_its_first_text_written(sqlite_store, text_interval_s=0.3)
+    running.append("last")
     assert store.complete(job_id, owner=owner, content="answer", response={}, provider="p", model="m", usage=None)
     # When the attempt ends and its text is written
     writer.untrack(running, completed=True)

@@ -32,8 +32,10 @@ from typing import Any
 
 import dramatiq
 
-#: Slots per process: enough to overlap one thread's SQL or Redis round trip with another's Python.
-DEFAULT_SLOTS = 4
+#: Slots per process: one thread's SQL or Redis round trip overlaps another's Python. Four starved the loop and the
+#: progress writer at the start of 1,000 streams on PostgreSQL once a claim became one round trip (``bench.streams``:
+#: 44 to 48 of 50 jobs grew every second with four, 50 of 50 in four runs with two).
+DEFAULT_SLOTS = 2
 
 #: Worker processes with at least this many threads are gated.
 GATED_FROM_THREADS = 64

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from sqlalchemy import Engine
 
 import actors
 from actors.queue import JobQueue, current
 from brokers.rabbitmq import is_rabbitmq
-from repositories.store import Job, JobStatus, JobStore
+from repositories.migrations import upgrade_database
+from repositories.store import Job, JobStatus, JobStore, create_store_engine
 from settings import Settings
 from tests.conftest import database_url_for
 from tests.harness import (
@@ -151,6 +153,15 @@ class WorkerSlot:
             if rabbitmq:
                 flush_broker()
             holder.worker.start()
+
+
+@pytest.fixture
+def pooled_engine(postgres_database: str) -> Iterator[Engine]:
+    """A store engine on PostgreSQL (migrated) whose calls, one after the other, all reuse one pooled connection."""
+    created = create_store_engine(postgres_database, pool_size=1)
+    upgrade_database(created)
+    yield created
+    created.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
-from repositories.migrations import upgrade_database
 from repositories.store import PING_AFTER_IDLE_S, JobKind, JobStore, create_store_engine
 from tests.conftest import unique
 
@@ -31,12 +29,9 @@ class PingCounter:
 
 
 @pytest.fixture
-def engine(postgres_database: str) -> Iterator[Engine]:
-    """A store engine on PostgreSQL with one pooled connection, so that every checkout reuses it."""
-    created = create_store_engine(postgres_database, pool_size=1)
-    upgrade_database(created)
-    yield created
-    created.dispose()
+def engine(pooled_engine: Engine) -> Engine:
+    """A store engine on PostgreSQL whose calls all reuse one pooled connection (``pooled_engine``)."""
+    return pooled_engine
 
 
 def test_a_connection_used_a_moment_ago_is_handed_out_without_a_ping(engine: Engine) -> None:

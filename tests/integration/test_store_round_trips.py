@@ -7,26 +7,22 @@ a ``Sync`` (extended protocol) or is one simple ``Query`` (``BEGIN``, ``COMMIT``
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
-from repositories.migrations import upgrade_database
-from repositories.store import JobKind, JobStore, create_store_engine
+from repositories.store import JobKind, JobStore
 from tests.conftest import unique
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def engine(postgres_database: str) -> Iterator[Engine]:
-    """A store engine on PostgreSQL whose calls, one after the other, all reuse one pooled connection."""
-    created = create_store_engine(postgres_database, pool_size=1)
-    upgrade_database(created)
-    yield created
-    created.dispose()
+def engine(pooled_engine: Engine) -> Engine:
+    """A store engine on PostgreSQL whose calls all reuse one pooled connection (``pooled_engine``)."""
+    return pooled_engine
 
 
 def round_trips(engine: Engine, call: Callable[[], Any]) -> list[str]:

@@ -371,16 +371,27 @@ def normalize_database_url(url: str) -> str:
 
 
 def create_store_engine(
-    url: str, *, pool_size: int = 10, connect_timeout_s: float = 3.0, statement_timeout_s: float = 5.0
+    url: str,
+    *,
+    pool_size: int = 10,
+    connect_timeout_s: float = 3.0,
+    statement_timeout_s: float = 5.0,
+    idle_transaction_timeout_s: float | None = None,
 ) -> Engine:
     """Build an engine for SQLite (WAL, busy timeout) or PostgreSQL (pre-ping, sized pool), every wait bounded.
 
     PostgreSQL: libpq's ``connect_timeout`` and the pool's checkout wait are ``connect_timeout_s``; the
     server's ``statement_timeout`` is ``statement_timeout_s``, and a client-side deadline one second later
-    interrupts any call a silent server never answers (``StatementDeadline``). SQLite waits at most
-    ``statement_timeout_s`` for the write lock. Bound parameters (prompts, generated text) never appear in
-    SQLAlchemy's error messages or logs (``hide_parameters``).
+    interrupts any call a silent server never answers (``StatementDeadline``). The server also ends a session
+    whose transaction sat idle longer than ``idle_transaction_timeout_s`` (default: twice the statement
+    timeout, at least 10 s): a worker frozen or hung inside a transaction would otherwise hold that
+    transaction's row locks for as long as it stays so, and every other worker's claim of those jobs would
+    fail on its statement timeout, over and over. Our transactions are a few statements, and the enqueue's
+    a Redis send, long. SQLite waits at most ``statement_timeout_s`` for the write lock. Bound parameters
+    (prompts, generated text) never appear in SQLAlchemy's error messages or logs (``hide_parameters``).
     """
+    if idle_transaction_timeout_s is None:
+        idle_transaction_timeout_s = max(10.0, 2 * statement_timeout_s)
     url = normalize_database_url(url)
     if url.startswith("sqlite"):
         busy_ms = max(1, int(statement_timeout_s * 1000))
@@ -408,7 +419,10 @@ def create_store_engine(
         connect_args={
             # libpq counts whole seconds and treats anything below 2 as 2.
             "connect_timeout": max(2, math.ceil(connect_timeout_s)),
-            "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
+            "options": (
+                f"-c statement_timeout={int(statement_timeout_s * 1000)}"
+                f" -c idle_in_transaction_session_timeout={int(idle_transaction_timeout_s * 1000)}"
+            ),
         },
     )
     StatementDeadline(statement_timeout_s + 1.0).install(engine)

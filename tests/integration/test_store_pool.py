@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
-from repositories.store import PING_AFTER_IDLE_S, JobKind, JobStore, create_store_engine
+from repositories.store import PING_AFTER_IDLE_S, Job, JobKind, JobStatus, JobStore, create_store_engine
 from tests.conftest import unique
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +72,35 @@ def test_a_connection_idle_longer_than_the_bound_is_pinged_and_replaced_when_it_
     assert store.get(job_id) is not None
     with engine.connect() as connection:
         assert connection.execute(text("SELECT pg_backend_pid()")).scalar_one() != backend
+
+
+def test_row_locks_of_a_transaction_left_open_by_a_frozen_client_come_back_after_the_idle_bound(
+    engine: Engine, postgres_database: str
+) -> None:
+    # Given a pending job, and a client that updated its row in a transaction and then froze (never commits)
+    store = JobStore(engine)
+    job_id = unique("locked")
+    store.create(job_id=job_id, user_id="u1", kind=JobKind.GENERATE, request={})
+    frozen_engine = create_store_engine(postgres_database, idle_transaction_timeout_s=1.0)
+    frozen = frozen_engine.connect()
+    try:
+        frozen.execute(text("UPDATE llm_job_results SET updated_at = now() WHERE job_id = :id"), {"id": job_id})
+        # When another worker claims the job (each try waits at most its 5 s statement timeout for the row's lock)
+        started = time.monotonic()
+        job = wait_until(
+            lambda: _claim_or_none(store, job_id), timeout=15, interval=0.1, what="the claim past the frozen lock"
+        )
+        # Then the server ended the frozen session after its idle bound, and the claim got the row
+        assert job.status is JobStatus.PROCESSING
+        assert time.monotonic() - started < 5.0  # before the claim's own statement timeout, not after retries
+    finally:
+        with contextlib.suppress(Exception):
+            frozen.close()
+        frozen_engine.dispose()
+
+
+def _claim_or_none(store: JobStore, job_id: str) -> Job | None:
+    try:
+        return store.claim(job_id, owner="attempt-1", lease_s=30)
+    except OperationalError:  # its statement timeout, waiting for the row's lock
+        return None
